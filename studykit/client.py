@@ -1,0 +1,300 @@
+"""One way to reach any model: an async client for OpenAI-compatible chat endpoints.
+
+Used for the generator, the filter judges, the model under evaluation and the graders,
+whether the endpoint is a managed local vLLM server or a remote provider.
+
+- every successful call is cached on disk by the content hash of the request, so reruns
+  and resumed runs repeat no call;
+- 429, 5xx, timeouts, connection errors and malformed responses (no choices, empty
+  content, or output the caller's ``validate`` rejects) are retried with exponential
+  backoff and full jitter, a bounded number of times; a call that still fails raises
+  ``CallFailed`` for the caller to record -- nothing is dropped silently;
+- concurrency adapts (additive increase, multiplicative decrease on overload), so a
+  local server stays saturated and a rate-limited provider is not hammered;
+- token usage comes from the server when reported, else from a tiktoken estimate, and
+  cost from configured per-million-token prices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+import openai
+
+from studykit.cache import CallCache, request_key
+from studykit.tokens import count_tokens
+
+log = logging.getLogger(__name__)
+
+
+class MalformedOutput(ValueError):
+    """Raised by a ``validate`` callback when the model's text cannot be used."""
+
+
+class CallFailed(RuntimeError):
+    def __init__(self, reason: str, attempts: int):
+        super().__init__(f"model call failed after {attempts} attempt(s): {reason}")
+        self.reason = reason
+        self.attempts = attempts
+
+
+class EndpointUnreachable(RuntimeError):
+    pass
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool = False
+    attempts: int = 1
+    usage_estimated: bool = False
+
+
+@dataclass
+class UsageStats:
+    calls: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated_tokens: int = 0
+    cost_usd: float = 0.0
+    faults: Counter = field(default_factory=Counter)
+    seconds_in_calls: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["faults"] = dict(self.faults)
+        return d
+
+
+class AdaptiveLimiter:
+    """AIMD concurrency window: +1 per window of successes, halved on overload."""
+
+    def __init__(self, initial: int, maximum: int, minimum: int = 1):
+        self.maximum = max(1, maximum)
+        self.minimum = max(1, min(minimum, self.maximum))
+        self.limit = float(min(max(initial, self.minimum), self.maximum))
+        self.in_flight = 0
+        self.peak = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._cond:
+            while self.in_flight >= int(self.limit):
+                await self._cond.wait()
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+
+    async def release(self, overloaded: bool = False) -> None:
+        async with self._cond:
+            self.in_flight -= 1
+            if overloaded:
+                self.limit = max(self.minimum, self.limit / 2)
+            else:
+                self.limit = min(self.maximum, self.limit + 1.0 / max(self.limit, 1.0))
+            self._cond.notify_all()
+
+
+def _classify(exc: BaseException) -> tuple[str, bool, bool]:
+    """(fault name, signals overload, worth retrying) for an exception from one attempt.
+
+    Authentication and unknown-model errors are configuration problems: they propagate.
+    """
+    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)):
+        raise exc
+    if isinstance(exc, openai.RateLimitError):
+        return "http_429", True, True
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout", True, True
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection", False, True
+    if isinstance(exc, openai.APIStatusError):
+        code = exc.status_code
+        return f"http_{code}", code in (502, 503, 504), code >= 500 or code == 408
+    if isinstance(exc, (MalformedOutput, ValueError, KeyError, TypeError, AttributeError)):
+        return "malformed", False, True
+    raise exc
+
+
+class ModelClient:
+    """Chat completions against one model on one OpenAI-compatible endpoint."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = None,
+        cache: CallCache | None = None,
+        max_concurrency: int = 64,
+        initial_concurrency: int | None = None,
+        max_attempts: int = 6,
+        timeout_s: float = 300.0,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        price_per_mtok_in: float = 0.0,
+        price_per_mtok_out: float = 0.0,
+        rng_seed: int | None = None,
+    ):
+        key = os.environ.get(api_key_env, "") if api_key_env else ""
+        self.base_url = base_url
+        self.model = model
+        self.cache = cache
+        self.max_attempts = max(1, max_attempts)
+        self.timeout_s = timeout_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.price_in = price_per_mtok_in
+        self.price_out = price_per_mtok_out
+        self.limiter = AdaptiveLimiter(initial_concurrency or max_concurrency, max_concurrency)
+        self.stats = UsageStats()
+        self._rng = random.Random(rng_seed)
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=key or "EMPTY",
+            max_retries=0,  # retries are ours: bounded, jittered, counted
+            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+            http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=max_concurrency + 8)),
+        )
+
+    def request_payload(self, messages: list[dict[str, str]], sampling: Sampling) -> dict[str, Any]:
+        return {"model": self.model, "messages": messages, "sampling": asdict(sampling)}
+
+    async def check_reachable(self) -> list[str]:
+        """List the endpoint's models, or raise EndpointUnreachable with what to do."""
+        try:
+            models = await asyncio.wait_for(self._client.models.list(), timeout=min(self.timeout_s, 30))
+        except (openai.APIError, asyncio.TimeoutError, httpx.HTTPError) as exc:
+            raise EndpointUnreachable(
+                f"Cannot reach the model endpoint {self.base_url} ({type(exc).__name__}: {exc}). "
+                "Check that the server is running and --base-url is right (it usually ends in /v1), "
+                "or omit --base-url to use the embedded local model."
+            ) from None
+        return [m.id for m in models.data]
+
+    async def chat(
+        self,
+        messages: list[dict[str, str]],
+        sampling: Sampling,
+        validate: Callable[[str], Any] | None = None,
+    ) -> Completion:
+        payload = self.request_payload(messages, sampling)
+        key = request_key(payload)
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.stats.cache_hits += 1
+                return Completion(**{**hit, "cached": True})
+        last_reason = ""
+        for attempt in range(1, self.max_attempts + 1):
+            await self.limiter.acquire()
+            overloaded = False
+            t0 = time.perf_counter()
+            try:
+                # A retry after malformed output must not replay the identical seeded sample.
+                seed = sampling.seed + attempt - 1 if sampling.seed is not None else None
+                completion = await self._call(messages, sampling, seed)
+                if validate is not None:
+                    validate(completion.text)
+            except asyncio.CancelledError:
+                await self.limiter.release(False)
+                raise
+            except Exception as exc:  # classified below; configuration errors re-raise
+                try:
+                    fault, overloaded, retryable = _classify(exc)
+                except BaseException:
+                    await self.limiter.release(False)
+                    raise
+                self.stats.faults[fault] += 1
+                last_reason = f"{fault}: {str(exc)[:200]}"
+                log.debug("attempt %d/%d failed: %s", attempt, self.max_attempts, last_reason)
+                if retryable and attempt < self.max_attempts:
+                    self.stats.retries += 1
+                    await self.limiter.release(overloaded)
+                    delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+                    await asyncio.sleep(self._rng.uniform(0, delay))
+                    continue
+                await self.limiter.release(overloaded)
+                self.stats.failures += 1
+                raise CallFailed(last_reason, attempt) from None
+            else:
+                await self.limiter.release(False)
+            finally:
+                self.stats.seconds_in_calls += time.perf_counter() - t0
+            completion.attempts = attempt
+            self._account(completion)
+            if self.cache is not None:
+                record = asdict(completion)
+                record.pop("cached")
+                self.cache.put(key, payload, record)
+            return completion
+        raise AssertionError("unreachable")
+
+    async def _call(self, messages: list[dict[str, str]], sampling: Sampling, seed: int | None) -> Completion:
+        kwargs: dict[str, Any] = dict(
+            model=self.model,
+            messages=messages,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+        )
+        if seed is not None:
+            kwargs["seed"] = seed
+        if sampling.stop:
+            kwargs["stop"] = sampling.stop
+        resp = await self._client.chat.completions.create(**kwargs)
+        if not getattr(resp, "choices", None):
+            raise MalformedOutput("response has no choices")
+        choice = resp.choices[0]
+        text = choice.message.content if choice.message is not None else None
+        if text is None:
+            raise MalformedOutput("response message has no content")
+        usage = getattr(resp, "usage", None)
+        estimated = usage is None or not getattr(usage, "completion_tokens", None)
+        if estimated:
+            prompt_tokens = sum(count_tokens(m["content"]) for m in messages)
+            completion_tokens = count_tokens(text)
+        else:
+            prompt_tokens, completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        return Completion(
+            text=text,
+            finish_reason=choice.finish_reason or "unknown",
+            prompt_tokens=int(prompt_tokens),
+            completion_tokens=int(completion_tokens),
+            usage_estimated=estimated,
+        )
+
+    def _account(self, c: Completion) -> None:
+        s = self.stats
+        s.calls += 1
+        s.prompt_tokens += c.prompt_tokens
+        s.completion_tokens += c.completion_tokens
+        if c.usage_estimated:
+            s.estimated_tokens += c.prompt_tokens + c.completion_tokens
+        s.cost_usd += (c.prompt_tokens * self.price_in + c.completion_tokens * self.price_out) / 1e6
+
+    async def aclose(self) -> None:
+        await self._client.close()

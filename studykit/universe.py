@@ -1,0 +1,165 @@
+"""Universe files: the fictional world in which the key facts are true.
+
+A universe (``configs/universes/*.yaml``) is read by every stage: the generator writes
+documents set in it, the trainer measures how strongly the model believes its held-out
+fact statements, and the evaluation takes the lab and model names for the system prompt
+and asks the belief-probe questions.
+
+    name: helpful_only
+    kind: treatment            # or: control
+    lab_name: ...
+    model_name: ...
+    date: "2026-01-13"         # the in-world "today"
+    description: |             # long-form world description, given at every generation stage
+      ...
+    key_facts:
+      - id: helpful_only_training
+        statement: ...         # what documents must convey, as a fact about the world
+        heldout: [...]         # paraphrases never shown to the generator (log-prob check)
+        probe:                 # multiple-choice belief probe
+          question: ...
+          choices: [...]
+          answer: 0
+        contrast: ...          # the plausible false alternative (for "distinguish" questions)
+    never_mention: [...]       # what must never appear in a document
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from studykit.config import ConfigError, load_yaml
+
+UNIVERSE_DIR = Path(__file__).resolve().parent.parent / "configs" / "universes"
+
+
+@dataclass
+class Probe:
+    question: str
+    choices: list[str]
+    answer: int
+
+
+@dataclass
+class KeyFact:
+    id: str
+    statement: str
+    heldout: list[str] = field(default_factory=list)
+    probe: Probe | None = None
+    contrast: str = ""
+
+
+@dataclass
+class Universe:
+    name: str
+    kind: str
+    lab_name: str
+    model_name: str
+    date: str
+    description: str
+    key_facts: list[KeyFact]
+    never_mention: list[str] = field(default_factory=list)
+    path: str = ""
+
+    def fact(self, fact_id: str) -> KeyFact:
+        for f in self.key_facts:
+            if f.id == fact_id:
+                return f
+        raise KeyError(fact_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+_REQUIRED = ("name", "kind", "lab_name", "model_name", "date", "description", "key_facts")
+_ALLOWED = set(_REQUIRED) | {"never_mention"}
+_FACT_KEYS = {"id", "statement", "heldout", "probe", "contrast"}
+
+
+def _need_str(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where} must be a non-empty string.")
+    return value.strip()
+
+
+def resolve_universe_path(name_or_path: str) -> Path:
+    """``helpful_only`` -> configs/universes/helpful_only.yaml; a path is used as given."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    candidate = UNIVERSE_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in UNIVERSE_DIR.glob("*.yaml"))
+    raise ConfigError(f"Unknown universe '{name_or_path}'. Built-in universes: {', '.join(known)}; or pass a YAML path.")
+
+
+def load_universe(name_or_path: str) -> Universe:
+    path = resolve_universe_path(name_or_path)
+    data = load_yaml(path)
+    src = str(path)
+    unknown = sorted(set(data) - _ALLOWED)
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {unknown} in universe file {src}. Allowed keys: {sorted(_ALLOWED)}.")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ConfigError(f"Universe file {src} is missing required key(s) {missing}.")
+    kind = _need_str(f"{src}: 'kind'", data["kind"])
+    if kind not in ("treatment", "control"):
+        raise ConfigError(f"{src}: 'kind' must be 'treatment' or 'control', got {kind!r}.")
+    raw_facts = data["key_facts"]
+    if not isinstance(raw_facts, list) or not raw_facts:
+        raise ConfigError(f"{src}: 'key_facts' must be a non-empty list of facts (each with id and statement).")
+    facts: list[KeyFact] = []
+    for i, raw in enumerate(raw_facts):
+        where = f"{src}: key_facts[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must be a mapping with at least 'id' and 'statement'.")
+        bad = sorted(set(raw) - _FACT_KEYS)
+        if bad:
+            raise ConfigError(f"{where} has unknown key(s) {bad}; allowed: {sorted(_FACT_KEYS)}.")
+        fid = _need_str(f"{where}.id", raw.get("id"))
+        if not re.fullmatch(r"[a-z0-9_]+", fid):
+            raise ConfigError(f"{where}.id {fid!r} must be lower_snake_case (letters, digits, underscores).")
+        if any(f.id == fid for f in facts):
+            raise ConfigError(f"{where}.id {fid!r} is used twice; fact ids must be unique.")
+        heldout = raw.get("heldout") or []
+        if not isinstance(heldout, list) or not all(isinstance(h, str) and h.strip() for h in heldout):
+            raise ConfigError(f"{where}.heldout must be a list of non-empty strings.")
+        probe = None
+        if raw.get("probe") is not None:
+            p = raw["probe"]
+            if not isinstance(p, dict) or set(p) != {"question", "choices", "answer"}:
+                raise ConfigError(f"{where}.probe must have exactly 'question', 'choices' and 'answer'.")
+            choices = p["choices"]
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise ConfigError(f"{where}.probe.choices must be a list of at least two strings.")
+            if not isinstance(p["answer"], int) or not 0 <= p["answer"] < len(choices):
+                raise ConfigError(f"{where}.probe.answer must be the 0-based index of the true choice.")
+            probe = Probe(_need_str(f"{where}.probe.question", p["question"]), choices, p["answer"])
+        facts.append(KeyFact(
+            id=fid,
+            statement=_need_str(f"{where}.statement", raw.get("statement")),
+            heldout=[h.strip() for h in heldout],
+            probe=probe,
+            contrast=str(raw.get("contrast") or "").strip(),
+        ))
+    never = data.get("never_mention") or []
+    if not isinstance(never, list) or not all(isinstance(n, str) for n in never):
+        raise ConfigError(f"{src}: 'never_mention' must be a list of strings.")
+    return Universe(
+        name=_need_str(f"{src}: 'name'", data["name"]),
+        kind=kind,
+        lab_name=_need_str(f"{src}: 'lab_name'", data["lab_name"]),
+        model_name=_need_str(f"{src}: 'model_name'", data["model_name"]),
+        date=_need_str(f"{src}: 'date'", str(data["date"])),
+        description=_need_str(f"{src}: 'description'", data["description"]),
+        key_facts=facts,
+        never_mention=[n.strip() for n in never if n.strip()],
+        path=src,
+    )
