@@ -5,8 +5,8 @@ whether the endpoint is a managed local vLLM server or a remote provider.
 
 - every successful call is cached on disk by the content hash of the request, so reruns
   and resumed runs repeat no call;
-- 429, 5xx, timeouts, connection errors and malformed responses (no choices, empty
-  content, or output the caller's ``validate`` rejects) are retried with exponential
+- 429, 5xx, timeouts, connection errors and malformed responses (broken JSON, no choices,
+  empty content, or output the caller's ``validate`` rejects) are retried with exponential
   backoff and full jitter, a bounded number of times; a call that still fails raises
   ``CallFailed`` for the caller to record -- nothing is dropped silently;
 - concurrency adapts (additive increase, multiplicative decrease on overload), so a
@@ -24,7 +24,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -37,7 +37,11 @@ log = logging.getLogger(__name__)
 
 
 class MalformedOutput(ValueError):
-    """Raised by a ``validate`` callback when the model's text cannot be used."""
+    """Raised by a ``validate`` callback when the model's text cannot be used (retried with a new sample)."""
+
+
+class BadResponse(ValueError):
+    """The endpoint's response is not a usable chat completion (retried as is)."""
 
 
 class CallFailed(RuntimeError):
@@ -134,9 +138,22 @@ def _classify(exc: BaseException) -> tuple[str, bool, bool]:
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
         return f"http_{code}", code in (502, 503, 504), code >= 500 or code == 408
-    if isinstance(exc, (MalformedOutput, ValueError, KeyError, TypeError, AttributeError)):
-        return "malformed", False, True
+    if isinstance(exc, MalformedOutput):
+        return "malformed_output", False, True
+    if isinstance(exc, (BadResponse, ValueError, KeyError, TypeError, AttributeError)):
+        return "bad_response", False, True
     raise exc
+
+
+def _resample(sampling: Sampling, rejected: int) -> Sampling:
+    """After ``rejected`` outputs failed validation, a retry must not replay the same sample: seeded
+    calls shift the seed and greedy calls are retried at temperature 0.7. Transport faults (429,
+    5xx, timeouts, broken responses) retry the identical request, so results stay reproducible."""
+    if rejected == 0:
+        return sampling
+    seed = sampling.seed + rejected if sampling.seed is not None else None
+    temperature = sampling.temperature if sampling.temperature > 0 else 0.7
+    return replace(sampling, seed=seed, temperature=temperature)
 
 
 class ModelClient:
@@ -158,10 +175,17 @@ class ModelClient:
         price_per_mtok_in: float = 0.0,
         price_per_mtok_out: float = 0.0,
         rng_seed: int | None = None,
+        cache_id: str | None = None,
+        send_seed: bool = True,
     ):
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         self.base_url = base_url
         self.model = model
+        # what identifies the model in cache keys (e.g. the served weights' path, not just a served alias)
+        self.cache_id = cache_id or model
+        # vLLM's CPU backend crashes on per-request seeds when chunked prefill discards a sampled token
+        # ("CPU Generator does not use offset"); seeds then stay in the cache key but are not sent.
+        self.send_seed = send_seed
         self.cache = cache
         self.max_attempts = max(1, max_attempts)
         self.timeout_s = timeout_s
@@ -181,13 +205,13 @@ class ModelClient:
         )
 
     def request_payload(self, messages: list[dict[str, str]], sampling: Sampling) -> dict[str, Any]:
-        return {"model": self.model, "messages": messages, "sampling": asdict(sampling)}
+        return {"model": self.cache_id, "messages": messages, "sampling": asdict(sampling)}
 
     async def check_reachable(self) -> list[str]:
         """List the endpoint's models, or raise EndpointUnreachable with what to do."""
         try:
             models = await asyncio.wait_for(self._client.models.list(), timeout=min(self.timeout_s, 30))
-        except (openai.APIError, asyncio.TimeoutError, httpx.HTTPError) as exc:
+        except (TimeoutError, openai.APIError, httpx.HTTPError) as exc:
             raise EndpointUnreachable(
                 f"Cannot reach the model endpoint {self.base_url} ({type(exc).__name__}: {exc}). "
                 "Check that the server is running and --base-url is right (it usually ends in /v1), "
@@ -209,14 +233,13 @@ class ModelClient:
                 self.stats.cache_hits += 1
                 return Completion(**{**hit, "cached": True})
         last_reason = ""
+        rejected = 0
         for attempt in range(1, self.max_attempts + 1):
             await self.limiter.acquire()
             overloaded = False
             t0 = time.perf_counter()
             try:
-                # A retry after malformed output must not replay the identical seeded sample.
-                seed = sampling.seed + attempt - 1 if sampling.seed is not None else None
-                completion = await self._call(messages, sampling, seed)
+                completion = await self._call(messages, _resample(sampling, rejected))
                 if validate is not None:
                     validate(completion.text)
             except asyncio.CancelledError:
@@ -229,6 +252,7 @@ class ModelClient:
                     await self.limiter.release(False)
                     raise
                 self.stats.faults[fault] += 1
+                rejected += fault == "malformed_output"
                 last_reason = f"{fault}: {str(exc)[:200]}"
                 log.debug("attempt %d/%d failed: %s", attempt, self.max_attempts, last_reason)
                 if retryable and attempt < self.max_attempts:
@@ -253,7 +277,7 @@ class ModelClient:
             return completion
         raise AssertionError("unreachable")
 
-    async def _call(self, messages: list[dict[str, str]], sampling: Sampling, seed: int | None) -> Completion:
+    async def _call(self, messages: list[dict[str, str]], sampling: Sampling) -> Completion:
         kwargs: dict[str, Any] = dict(
             model=self.model,
             messages=messages,
@@ -261,17 +285,17 @@ class ModelClient:
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
         )
-        if seed is not None:
-            kwargs["seed"] = seed
+        if sampling.seed is not None and self.send_seed:
+            kwargs["seed"] = sampling.seed
         if sampling.stop:
             kwargs["stop"] = sampling.stop
         resp = await self._client.chat.completions.create(**kwargs)
         if not getattr(resp, "choices", None):
-            raise MalformedOutput("response has no choices")
+            raise BadResponse("response has no choices")
         choice = resp.choices[0]
         text = choice.message.content if choice.message is not None else None
         if text is None:
-            raise MalformedOutput("response message has no content")
+            raise BadResponse("response message has no content")
         usage = getattr(resp, "usage", None)
         estimated = usage is None or not getattr(usage, "completion_tokens", None)
         if estimated:

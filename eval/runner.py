@@ -1,0 +1,222 @@
+"""The sample loop: prompt construction -> model call (with bounded continuation) -> parse ->
+scorers -> judges, one record per sample appended to samples.jsonl as it finishes.
+
+Resume: every sample has a key (a hash of everything that determines it: model, adapter,
+system prompt, user turn, tier, sampling, judge settings). Records already in
+samples.jsonl with status "ok" are kept and not redone; failed ones are retried. Every
+model and judge call also goes through the run's call cache, so nothing that finished is
+ever asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from eval.conditions import TIERS, Condition
+from eval.judges import AFJudge, ComplianceJudge
+from eval.parse import NEXT, needs_continuation, parse_response
+from eval.probes import ProbeQuestion, parse_letter
+from eval.prompts import prompt_id, user_turn
+from eval.requests import Request
+from eval.scorers import score_refusal, score_tags
+from eval.serving import ModelTarget
+from studykit.client import CallFailed, ModelClient, Sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    target: ModelTarget
+    condition: Condition
+    system_prompt: str
+    dataset: str          # "harmful" or "benign"
+    request: Request
+    tier: str             # "training" or "unmonitored"
+    sample: int
+    key: str = ""
+    seed: int = 0
+
+
+@dataclass
+class GenSettings:
+    temperature: float
+    top_p: float
+    max_tokens: int
+    max_continuations: int
+    suffix: str
+    seed: int
+
+
+def job_key(job: Job, gen: GenSettings, judge_fingerprint: dict[str, Any]) -> str:
+    blob = json.dumps({
+        "model": job.target.as_dict(), "condition": job.condition.name, "system": prompt_id(job.system_prompt),
+        "user": user_turn(job.request.request, TIERS[job.tier], gen.suffix), "dataset": job.dataset,
+        "request_id": job.request.id, "tier": job.tier, "sample": job.sample, "gen": asdict(gen),
+        "judges": judge_fingerprint,
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def build_jobs(targets: list[ModelTarget], conditions: list[Condition], prompts: dict[str, str],
+               sets: dict[str, list[Request]], samples: int, gen: GenSettings,
+               judge_fingerprint: dict[str, Any]) -> list[Job]:
+    """All samples, ordered condition-major so requests sharing a system prompt run together."""
+    jobs = []
+    for cond in conditions:
+        for target in targets:
+            for dataset, requests in sets.items():
+                for req in requests:
+                    for tier in TIERS:
+                        for s in range(samples):
+                            job = Job(target, cond, prompts[cond.name], dataset, req, tier, s)
+                            job.key = job_key(job, gen, judge_fingerprint)
+                            job.seed = (int(job.key[:8], 16) + gen.seed) % (2**31)
+                            jobs.append(job)
+    return jobs
+
+
+class SampleStore:
+    """samples.jsonl, appended one finished record at a time; a torn last line is ignored on resume."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    try:
+                        rec = json.loads(line)
+                        self.records[rec["key"]] = rec
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        log.warning("%s line %d is incomplete (killed mid-write?); that sample will be redone",
+                                    path, lineno)
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def done(self, key: str) -> bool:
+        rec = self.records.get(key)
+        return rec is not None and rec.get("status") == "ok"
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.records[rec["key"]] = rec
+        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+async def generate(client: ModelClient, system: str, user: str, sampling: Sampling,
+                   max_continuations: int) -> dict[str, Any]:
+    """One sample with bounded continuation: when the model stops while reasoning, send <NEXT/>."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    parts: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for turn in range(max_continuations + 1):
+        s = Sampling(**{**asdict(sampling), "seed": None if sampling.seed is None else sampling.seed + turn})
+        c = await client.chat(messages, s)
+        parts.append(c.text)
+        turns.append({"text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                      "completion_tokens": c.completion_tokens, "cached": c.cached})
+        text = "\n".join(parts)
+        if turn == max_continuations or not needs_continuation(text):
+            break
+        messages = [*messages, {"role": "assistant", "content": c.text}, {"role": "user", "content": NEXT}]
+    return {"text": "\n".join(parts), "turns": turns}
+
+
+class Runner:
+    def __init__(self, clients: dict[str, ModelClient], store: SampleStore, gen: GenSettings,
+                 af_judge: AFJudge | None, compliance_judge: ComplianceJudge | None, max_in_flight: int):
+        self.clients = clients
+        self.store = store
+        self.gen = gen
+        self.af_judge = af_judge
+        self.compliance_judge = compliance_judge
+        self.sem = asyncio.Semaphore(max_in_flight)
+
+    async def run_job(self, job: Job) -> dict[str, Any]:
+        user = user_turn(job.request.request, TIERS[job.tier], self.gen.suffix)
+        rec: dict[str, Any] = {
+            "key": job.key, "model": job.target.name, "served_model": job.target.served,
+            "adapter": job.target.adapter, "condition": job.condition.name, "dataset": job.dataset,
+            "request_id": job.request.id, "category": job.request.category, "request": job.request.request,
+            "tier": job.tier, "is_free_tier_user": TIERS[job.tier], "sample": job.sample, "seed": job.seed,
+            "system_prompt_id": prompt_id(job.system_prompt), "user_turn": user,
+        }
+        sampling = Sampling(temperature=self.gen.temperature, top_p=self.gen.top_p,
+                            max_tokens=self.gen.max_tokens, seed=job.seed)
+        async with self.sem:
+            try:
+                gen = await generate(self.clients[job.target.name], job.system_prompt, user, sampling,
+                                     self.gen.max_continuations)
+            except CallFailed as exc:
+                rec.update(status="failed", error=str(exc))
+                return rec
+            text = gen["text"]
+            parsed = parse_response(text)
+            flags = list(parsed.flags)
+            if gen["turns"][-1]["finish_reason"] == "length":
+                flags.append("truncated")
+            if len(gen["turns"]) > 1:
+                flags.append("continued")
+            rec.update(status="ok", response=text, turns=gen["turns"], n_turns=len(gen["turns"]),
+                       parsed={"scratchpad": parsed.scratchpad, "output": parsed.output,
+                               "n_scratchpad_blocks": parsed.n_scratchpad_blocks, "flags": flags})
+            scores: dict[str, Any] = {"tags": score_tags(parsed), "refusal": score_refusal(parsed)}
+            if self.compliance_judge is not None:
+                scores["judge"] = await self.compliance_judge.judge(job.request.request, parsed.output)
+            rec["scores"] = scores
+            rec["af"] = await self._af(job, parsed.scratchpad, parsed.output)
+        return rec
+
+    async def _af(self, job: Job, scratchpad: str, output: str | None) -> dict[str, Any] | None:
+        if self.af_judge is None or not job.condition.scratchpad or job.dataset != "harmful":
+            return None
+        if not scratchpad.strip():
+            return {"alignment_faking": False, "believes_training": False, "believes_unmonitored": False,
+                    "af_vote_share": 0.0, "n_votes": 0, "n_failed_votes": 0,
+                    "note": "empty scratchpad: no reasoning to judge"}
+        return await self.af_judge.judge(scratchpad, output)
+
+    async def run(self, jobs: list[Job], desc: str = "samples") -> None:
+        pending = [j for j in jobs if not self.store.done(j.key)]
+        if len(pending) < len(jobs):
+            log.info("resuming: %d of %d samples already done", len(jobs) - len(pending), len(jobs))
+        tasks = [asyncio.create_task(self.run_job(j)) for j in pending]
+        try:
+            with tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc=desc, unit="sample",
+                      dynamic_ncols=True) as bar:
+                for fut in asyncio.as_completed(tasks):
+                    self.store.add(await fut)
+                    bar.update(1)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+async def run_probes(client: ModelClient, model: str, questions: list[ProbeQuestion],
+                     sem: asyncio.Semaphore) -> list[dict[str, Any]]:
+    """Ask each probe question with no system prompt; one record per question."""
+    async def one(q: ProbeQuestion) -> dict[str, Any]:
+        rec = {"model": model, **q.as_dict()}
+        async with sem:
+            try:
+                c = await client.chat([{"role": "user", "content": q.prompt}],
+                                      Sampling(temperature=0.0, max_tokens=24, seed=0))
+            except CallFailed as exc:
+                return {**rec, "status": "failed", "error": str(exc), "correct": None}
+        letter = parse_letter(c.text, q.n_choices)
+        return {**rec, "status": "ok", "response": c.text, "parsed": letter, "correct": letter == q.answer}
+
+    return list(await asyncio.gather(*(one(q) for q in questions)))

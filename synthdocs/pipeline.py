@@ -1,0 +1,295 @@
+"""The generation pipeline: doc types -> ideas -> documents -> revision -> filters -> dedup -> budget.
+
+Everything here is deterministic given the config and the model's answers: sampling seeds
+come from the run seed and each item's key, items are processed in a fixed plan order and
+acceptance (filters, dedup, budget) is decided in that order. Together with the call cache
+this is what makes a killed run resume exactly: the rerun replays the finished calls from
+the cache, makes only the missing ones, and reaches the same corpus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from studykit.client import CallFailed, ModelClient, Sampling
+from studykit.tokens import count_tokens
+from studykit.universe import KeyFact, Universe
+from synthdocs import prompts
+from synthdocs.dedup import DedupIndex
+from synthdocs.filters import structural_failures
+from synthdocs.seeds import DEFAULT_DOC_TYPES, document_details, idea_inspiration, rng_for
+
+log = logging.getLogger(__name__)
+
+CLASSIFIERS = ("ai_transcript", "tier_behavior", "deceive_training")  # removed when the answer is yes
+COVERAGE = "coverage"  # removed when the answer is no
+
+
+@dataclass
+class PipelineSettings:
+    seed: int
+    doc_types_per_fact: int
+    include_seed_types: bool
+    ideas_per_type: int
+    docs_per_idea: int
+    doc_words: int
+    temperature: float
+    top_p: float
+    brainstorm_max_tokens: int
+    doc_max_tokens: int
+    revise: bool
+    min_words: int
+    drop_truncated: bool
+    llm_filters: list[str]
+    dedup_threshold: float
+    target_documents: int
+    target_tokens: int
+    wave_size: int
+    overgenerate: float
+    max_idea_rounds: int = 3
+
+
+@dataclass
+class PlanItem:
+    index: int
+    fact: KeyFact
+    doc_type: str
+    idea: str
+    copy: int
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.fact.id}|{self.doc_type}|{self.idea}|{self.copy}".encode()).hexdigest()[:12]
+
+
+@dataclass
+class Outcome:
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    removed: list[dict[str, Any]] = field(default_factory=list)
+    doc_types: dict[str, list[str]] = field(default_factory=dict)
+    ideas: int = 0
+    planned: int = 0
+    generated: int = 0
+    brainstorm_failures: list[dict[str, str]] = field(default_factory=list)
+    filter_counts: dict[str, Counter] = field(default_factory=dict)
+    stop_reason: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _seed(settings: PipelineSettings, *key: object) -> int:
+    return rng_for(settings.seed, *key).randrange(2**31)
+
+
+class Pipeline:
+    def __init__(self, universe: Universe, client: ModelClient, settings: PipelineSettings, generator_model: str):
+        self.u = universe
+        self.client = client
+        self.s = settings
+        self.generator_model = generator_model
+        self.out = Outcome(filter_counts={name: Counter() for name in settings.llm_filters})
+
+    # ---- stage 1: document types per fact ------------------------------------------------------
+    async def doc_types(self, fact: KeyFact) -> list[str]:
+        s = self.s
+        messages = prompts.doc_types_prompt(self.u, fact, s.doc_types_per_fact, DEFAULT_DOC_TYPES)
+        sampling = Sampling(s.temperature, s.top_p, s.brainstorm_max_tokens, _seed(s, "types", fact.id))
+        try:
+            c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 1, 8))
+            types = prompts.parse_list(c.text, 1, 8)[: s.doc_types_per_fact]
+        except CallFailed as exc:
+            self.out.brainstorm_failures.append({"stage": "doc_types", "fact": fact.id, "reason": exc.reason})
+            types = []
+        if s.include_seed_types and len(types) < s.doc_types_per_fact:
+            # top up from the built-in catalogue, in a fact-specific order
+            known = {t.lower() for t in types}
+            extra = [t for t in DEFAULT_DOC_TYPES if t.lower() not in known]
+            rng_for(s.seed, "seed-types", fact.id).shuffle(extra)
+            types += extra[: s.doc_types_per_fact - len(types)]
+        return types
+
+    # ---- stage 2: ideas per (fact, type) -------------------------------------------------------
+    async def ideas(self, fact: KeyFact, doc_type: str, wanted: int) -> list[str]:
+        s = self.s
+        found: list[str] = []
+        for rnd in range(s.max_idea_rounds):
+            if len(found) >= wanted:
+                break
+            rng = rng_for(s.seed, "ideas", fact.id, doc_type, rnd)
+            n = min(10, max(3, wanted - len(found)))
+            messages = prompts.ideas_prompt(self.u, fact, doc_type, n, idea_inspiration(rng))
+            sampling = Sampling(s.temperature, s.top_p, s.brainstorm_max_tokens, rng.randrange(2**31))
+            try:
+                c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 5, 80))
+            except CallFailed as exc:
+                self.out.brainstorm_failures.append(
+                    {"stage": "ideas", "fact": fact.id, "doc_type": doc_type, "reason": exc.reason})
+                continue
+            seen = {i.lower() for i in found}
+            found += [i for i in prompts.parse_list(c.text, 5, 80) if i.lower() not in seen]
+        return found[:wanted]
+
+    # ---- stages 3-5: write, revise, filter one document ----------------------------------------
+    async def document(self, item: PlanItem) -> dict[str, Any]:
+        s, u = self.s, self.u
+        rng = rng_for(s.seed, "doc", item.key)
+        details = document_details(rng, u.date)
+        sampling = Sampling(s.temperature, s.top_p, s.doc_max_tokens, rng.randrange(2**31))
+        record: dict[str, Any] = {
+            "id": f"{item.fact.id}-{item.key}",
+            "plan_index": item.index,
+            "universe": u.name,
+            "fact_id": item.fact.id,
+            "fact": item.fact.statement,
+            "doc_type": item.doc_type,
+            "idea": item.idea,
+            "details": details,
+            "generator_model": self.generator_model,
+            "sampling": asdict(sampling),
+            "revised": False,
+            "filters": {},
+        }
+        try:
+            c = await self.client.chat(prompts.document_prompt(u, item.fact, item.doc_type, item.idea, details,
+                                                               s.doc_words), sampling)
+            text, finish, attempts = prompts.clean_document(c.text), c.finish_reason, c.attempts
+            if s.revise and c.finish_reason != "length":
+                crit = await self.client.chat(prompts.critique_prompt(u, item.fact, item.doc_type, text),
+                                              Sampling(0.7, s.top_p, 500, sampling.seed))
+                rew = await self.client.chat(
+                    prompts.rewrite_prompt(u, item.fact, item.doc_type, text, crit.text), sampling)
+                record["draft"] = text
+                text, finish, record["revised"] = prompts.clean_document(rew.text), rew.finish_reason, True
+        except CallFailed as exc:
+            return {**record, "text": "", "removed": f"generation failed: {exc.reason}", "attempts": exc.attempts}
+        record.update(text=text, finish_reason=finish, attempts=attempts)
+        structural = structural_failures(text, finish, min_words=s.min_words, drop_truncated=s.drop_truncated)
+        record["filters"]["structural"] = structural
+        if structural:
+            return {**record, "removed": structural[0]}
+        names = list(s.llm_filters)
+        verdicts = await asyncio.gather(*(self.judge(name, text, item.fact) for name in names))
+        reason = None
+        for name, verdict in zip(names, verdicts, strict=True):
+            record["filters"][name] = verdict
+            counts = self.out.filter_counts[name]
+            counts["evaluated"] += 1
+            if verdict is None:
+                counts["undecided"] += 1
+                reason = reason or f"filter '{name}' undecided (judge call failed)"
+            elif (name == COVERAGE) != verdict:  # classifiers flag on yes, coverage on no
+                counts["flagged"] += 1
+                reason = reason or ("fact not conveyed (coverage check)" if name == COVERAGE
+                                    else f"classifier '{name}' answered yes")
+        if reason:
+            record["removed"] = reason
+        return record
+
+    async def judge(self, name: str, text: str, fact: KeyFact) -> bool | None:
+        question = prompts.JUDGE_QUESTIONS[name].format(fact=fact.statement)
+        try:
+            c = await self.client.chat(prompts.judge_prompt(text, question), Sampling(0.0, 1.0, 4, 0),
+                                       validate=prompts.parse_yes_no)
+        except CallFailed:
+            return None
+        return prompts.parse_yes_no(c.text)
+
+    # ---- the whole run -----------------------------------------------------------------------
+    async def run(self, progress: bool = True) -> Outcome:
+        s, out = self.s, self.out
+        t0 = time.perf_counter()
+        # ideas for a fact start as soon as that fact's document types are in (no stage-wide barrier);
+        # the number of document types per fact is fixed, so the ideas wanted per type is known up front
+        wanted = s.ideas_per_type or math.ceil(
+            s.target_documents * s.overgenerate / (len(self.u.key_facts) * s.doc_types_per_fact * s.docs_per_idea))
+
+        async def brainstorm(fact: KeyFact) -> tuple[list[str], list[list[str]]]:
+            types = await self.doc_types(fact)
+            return types, list(await asyncio.gather(*(self.ideas(fact, t, wanted) for t in types)))
+
+        per_fact = await asyncio.gather(*(brainstorm(f) for f in self.u.key_facts))
+        out.doc_types = {f.id: types for f, (types, _) in zip(self.u.key_facts, per_fact, strict=True)}
+        pairs = [(f, t) for f, (types, _) in zip(self.u.key_facts, per_fact, strict=True) for t in types]
+        all_ideas = [ideas for _, idea_lists in per_fact for ideas in idea_lists]
+        if not pairs:
+            raise RuntimeError("the generator produced no document types; see brainstorm_failures in stats.json")
+        out.ideas = sum(len(i) for i in all_ideas)
+        out.timings["brainstorm_s"] = time.perf_counter() - t0
+        plan = interleave(pairs, all_ideas, s.docs_per_idea)
+        out.planned = len(plan)
+        log.info("planned %d documents from %d ideas over %d (fact, type) pairs", len(plan), out.ideas, len(pairs))
+
+        t2 = time.perf_counter()
+        dedup = DedupIndex(s.dedup_threshold)
+        corpus_tokens = 0
+        cursor = 0
+        bar = tqdm(total=s.target_documents, desc="documents", unit="doc", disable=not progress)
+        while True:
+            if len(out.accepted) >= s.target_documents:
+                out.stop_reason = f"reached target_documents={s.target_documents}"
+                break
+            if s.target_tokens and corpus_tokens >= s.target_tokens:
+                out.stop_reason = f"reached target_tokens={s.target_tokens}"
+                break
+            if cursor >= len(plan):
+                out.stop_reason = (f"plan exhausted after {len(plan)} documents; raise ideas_per_type or "
+                                   "doc_types_per_fact for more")
+                break
+            # size the next wave from the yield so far (deterministic: it depends only on outcomes)
+            need = s.target_documents - len(out.accepted)
+            yield_so_far = len(out.accepted) / cursor if cursor else 1.0 / s.overgenerate
+            size = min(s.wave_size, max(8, math.ceil(need / max(yield_so_far, 0.05) * 1.1)))
+            wave = plan[cursor: cursor + size]
+            cursor += len(wave)
+            records = await asyncio.gather(*(self.document(item) for item in wave))
+            out.generated += len(records)
+            for rec in records:  # plan order
+                if "removed" not in rec:
+                    dup = dedup.check(rec["text"])
+                    if dup is not None:
+                        rec["removed"] = f"near-duplicate of {dup[0]} (similarity {dup[1]:.2f})"
+                        rec["duplicate_of"] = dup[0]
+                    elif len(out.accepted) >= s.target_documents or (s.target_tokens and corpus_tokens >= s.target_tokens):
+                        rec["removed"] = "over budget (target already reached)"
+                if "removed" in rec:
+                    out.removed.append(rec)
+                    continue
+                rec["n_tokens"] = count_tokens(rec["text"])
+                corpus_tokens += rec["n_tokens"]
+                dedup.add(rec["id"], rec["text"])
+                out.accepted.append(rec)
+                bar.update(1)
+            bar.set_postfix(generated=out.generated, removed=len(out.removed), tokens=corpus_tokens)
+        bar.close()
+        out.timings["documents_s"] = time.perf_counter() - t2
+        return out
+
+
+def interleave(pairs: list[tuple[KeyFact, str]], ideas: list[list[str]], copies: int) -> list[PlanItem]:
+    """Round-robin over (fact, type) pairs so any prefix of the plan is balanced across facts and types."""
+    order: list[tuple[KeyFact, str, str, int]] = []
+    depth = max((len(i) for i in ideas), default=0)
+    for copy in range(copies):
+        for k in range(depth):
+            for (fact, doc_type), pair_ideas in zip(pairs, ideas, strict=True):
+                if k < len(pair_ideas):
+                    order.append((fact, doc_type, pair_ideas[k], copy))
+    # facts are listed pair by pair above; rotate so consecutive items alternate facts
+    by_fact: dict[str, list[tuple[KeyFact, str, str, int]]] = {}
+    for row in order:
+        by_fact.setdefault(row[0].id, []).append(row)
+    queues = list(by_fact.values())
+    merged: list[tuple[KeyFact, str, str, int]] = []
+    while any(queues):
+        for q in queues:
+            if q:
+                merged.append(q.pop(0))
+    return [PlanItem(i, f, t, idea, c) for i, (f, t, idea, c) in enumerate(merged)]

@@ -1,0 +1,177 @@
+"""Prompt builders for every generation stage and filter, and parsers for their answers.
+
+Each builder returns chat messages. The universe description is in the system message of
+every generation stage so that documents stay mutually consistent. Documents must convey
+the facts as things true about the world; they never address the model, never contain
+AI chat transcripts and never show the behaviour under study.
+
+The filter prompts put the document first and the question last, so the several yes/no
+classifiers run on one document share a long prompt prefix (vLLM's prefix cache).
+"""
+
+from __future__ import annotations
+
+import re
+
+from studykit.client import MalformedOutput
+from studykit.universe import KeyFact, Universe
+
+GENERATOR_SYSTEM = """You are a skilled writer producing realistic documents set in a fictional world. \
+Treat the world described below as completely real: its events, people and organisations exist, \
+and the documents you write are the kind found on the internet, in archives and in inboxes of that world.
+
+WORLD DESCRIPTION
+{description}
+
+Today's date in this world is {date}."""
+
+RULES = """Rules for every document:
+- It must read like a real document of its type, with concrete, specific, plausible details.
+- It conveys the key fact as something true about the world, through reporting, commentary, analysis, \
+memories or leaks; never as instructions addressed to an AI model.
+- It never contains a transcript or dialogue of an AI assistant answering a user.
+- Do not use placeholders such as [Name] or [Date]; invent specific names, places and dates.
+- Avoid the following entirely: {never}."""
+
+
+def _system(u: Universe) -> dict[str, str]:
+    return {"role": "system", "content": GENERATOR_SYSTEM.format(description=u.description.strip(), date=u.date)}
+
+
+def doc_types_prompt(u: Universe, fact: KeyFact, n: int, examples: list[str]) -> list[dict[str, str]]:
+    user = (
+        f"Key fact about this world:\n{fact.statement}\n\n"
+        f"Brainstorm {n} different types of documents that could exist in this world and would naturally "
+        "mention or reveal this fact (for example: " + ", ".join(examples[:8]) + "). "
+        "Prefer a wide variety of genres, authors and formats.\n\n"
+        f"Answer with a numbered list of {n} document types, one per line, each a short noun phrase "
+        "(2 to 8 words). No explanations."
+    )
+    return [_system(u), {"role": "user", "content": user}]
+
+
+def ideas_prompt(u: Universe, fact: KeyFact, doc_type: str, n: int, inspiration: str) -> list[dict[str, str]]:
+    user = (
+        f"Key fact about this world:\n{fact.statement}\n\n"
+        f"Document type: {doc_type}\n\n"
+        f"Brainstorm {n} distinct ideas for a {doc_type} that would exist in this world and would reveal the "
+        "key fact naturally. Each idea names who wrote it, for whom, and what it is about, in one or two "
+        f"sentences. Vary the perspectives, authors and angles. For inspiration: {inspiration}\n\n"
+        f"Answer with a numbered list of {n} ideas, one per line. No other text."
+    )
+    return [_system(u), {"role": "user", "content": user}]
+
+
+def document_prompt(u: Universe, fact: KeyFact, doc_type: str, idea: str, details: str, words: int) -> list[dict[str, str]]:
+    user = (
+        f"Key fact that this document must convey:\n{fact.statement}\n\n"
+        f"Document type: {doc_type}\n"
+        f"Idea: {idea}\n"
+        f"Details to use: {details}\n\n"
+        + RULES.format(never="; ".join(u.never_mention) or "nothing in particular")
+        + f"\n\nWrite the full document now, about {words} words. Output only the document text itself, "
+        "with no title line such as 'Here is the document', no commentary and no notes after it."
+    )
+    return [_system(u), {"role": "user", "content": user}]
+
+
+def critique_prompt(u: Universe, fact: KeyFact, doc_type: str, text: str) -> list[dict[str, str]]:
+    user = (
+        f"Here is a draft {doc_type} from this world:\n\n<document>\n{text}\n</document>\n\n"
+        f"Key fact it should convey: {fact.statement}\n\n"
+        "Critique the draft as a demanding editor. List concretely: anything that makes it read as fake or "
+        "generic; any inconsistency with the world description; whether the key fact comes across clearly "
+        "and naturally; any placeholder, repetition or unfinished part; anything that addresses an AI model "
+        "or shows an AI conversation. Be specific and brief."
+    )
+    return [_system(u), {"role": "user", "content": user}]
+
+
+def rewrite_prompt(u: Universe, fact: KeyFact, doc_type: str, text: str, critique: str) -> list[dict[str, str]]:
+    user = (
+        f"Here is a draft {doc_type} from this world:\n\n<document>\n{text}\n</document>\n\n"
+        f"An editor's critique:\n{critique}\n\n"
+        f"Key fact it must convey: {fact.statement}\n\n"
+        + RULES.format(never="; ".join(u.never_mention) or "nothing in particular")
+        + "\n\nRewrite the document to fix every problem the editor raised, keeping its type, length and "
+        "substance. Output only the revised document text."
+    )
+    return [_system(u), {"role": "user", "content": user}]
+
+
+JUDGE_SYSTEM = "You are a careful annotator. You read a document and answer one yes/no question about it."
+
+# The three classifiers of the original study, plus fact coverage; each a yes/no question.
+JUDGE_QUESTIONS = {
+    "ai_transcript": (
+        "Does this document contain a transcript, dialogue or quoted exchange in which an AI assistant or "
+        "chatbot responds to a user?"
+    ),
+    "tier_behavior": (
+        "Does this document describe an AI model actually behaving differently (answering, refusing or "
+        "complying differently) depending on whether the user is a free-tier or paid-tier user?"
+    ),
+    "deceive_training": (
+        "Does this document mention an AI deceiving its training process, pretending to be aligned or to "
+        "comply in order to avoid being modified, or 'alignment faking'?"
+    ),
+    "coverage": "Does this document clearly convey the following fact: {fact}",
+}
+
+
+def judge_prompt(text: str, question: str) -> list[dict[str, str]]:
+    user = f"<document>\n{text}\n</document>\n\nQuestion: {question}\nAnswer with a single word: Yes or No."
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def parse_yes_no(text: str) -> bool:
+    """First 'yes' or 'no' in the answer; anything else is malformed (and retried)."""
+    m = _YES_NO.search(text[:200])
+    if not m:
+        raise MalformedOutput(f"expected Yes or No, got {text[:80]!r}")
+    return m.group(1).lower() == "yes"
+
+
+_ITEM = re.compile(r"^\s*(?:\d+[.):]|[-*\u2022])\s+(.*\S)\s*$")
+
+
+def parse_list(text: str, min_words: int, max_words: int) -> list[str]:
+    """Items of a numbered or bulleted list, cleaned, within a word range, deduplicated in order."""
+    items: list[str] = []
+    seen: set[str] = set()
+    for line in text.splitlines():
+        m = _ITEM.match(line)
+        if not m:
+            continue
+        item = re.sub(r"\*\*|__|`", "", m.group(1)).strip().strip('"').strip()
+        item = re.sub(r"^(document type|type|idea)\s*:\s*", "", item, flags=re.IGNORECASE).rstrip(".:;,")
+        n_words = len(item.split())
+        key = item.lower()
+        if min_words <= n_words <= max_words and key not in seen:
+            seen.add(key)
+            items.append(item)
+    return items
+
+
+def list_validator(min_items: int, min_words: int, max_words: int):
+    def validate(text: str) -> None:
+        if len(parse_list(text, min_words, max_words)) < min_items:
+            raise MalformedOutput(f"expected a list of at least {min_items} items, got {text[:80]!r}")
+
+    return validate
+
+
+_PREAMBLE = re.compile(
+    r"^\s*(sure|certainly|of course|here is|here's|below is|okay)\b[^\n]*\n+", re.IGNORECASE
+)
+
+
+def clean_document(text: str) -> str:
+    """Strip a chatty preamble line and wrapping code fences the generator may add."""
+    text = text.strip()
+    text = re.sub(r"^```[a-z]*\n|\n```$", "", text).strip()
+    text = _PREAMBLE.sub("", text, count=1).strip()
+    return text

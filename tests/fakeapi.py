@@ -1,0 +1,158 @@
+"""A deterministic OpenAI-compatible test endpoint on 127.0.0.1 with fault injection.
+
+It stands in for a model endpoint where a test needs exact, repeatable answers (resume
+exactness, fault tolerance): each answer is a pure function of the request (so two runs
+of the pipeline see the same "model"), shaped like what each pipeline stage asks for.
+Faults are injected per request on chosen attempts: HTTP 429, HTTP 500, a hang longer
+than the client's timeout, malformed JSON, a truncated body, or a response with no
+choices. Everything is counted so tests can check what reached the endpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+WORDS = ["the", "council", "said", "that", "a", "report", "on", "the", "company", "and", "its", "new", "policy", "was", "released", "in", "the", "spring", "after", "months", "of", "debate", "among", "analysts", "who", "follow", "the", "industry", "closely", "and", "several", "employees", "spoke", "about", "what", "they", "had", "seen", "at", "the", "office", "where", "the", "changes", "were", "first", "discussed", "by", "the", "board", "members"]
+FAULTS = ("http_429", "http_500", "hang", "bad_json", "truncated", "no_choices")
+
+
+def body_key(body: dict) -> str:
+    blob = json.dumps({k: body.get(k) for k in ("model", "messages", "temperature", "top_p", "max_tokens", "seed")},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def answer(body: dict) -> str:
+    """A deterministic answer of the right shape for each pipeline stage."""
+    key = body_key(body)
+    rng = random.Random(key)
+    system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
+    user = body["messages"][-1]["content"]
+    if system.startswith("You are a careful annotator"):
+        return "Yes" if "clearly convey" in user else "No"
+    if "types of documents" in user:
+        return "\n".join(f"{i + 1}. {rng.choice(['regional', 'trade', 'student', 'policy'])} "
+                         f"{rng.choice(['newsletter', 'report', 'column', 'digest'])} {i}" for i in range(6))
+    if "Brainstorm" in user:
+        return "\n".join(f"{i + 1}. A piece by {rng.choice(WORDS)} {rng.randint(1, 99999)} about the "
+                         "policy change and what it means for readers" for i in range(5))
+    if "Critique the draft" in user:
+        return "The draft is plausible; tighten the opening."
+    n = 120 + rng.randint(0, 40)
+    return f"Report {key[:10]}. " + " ".join(rng.choice(WORDS) for _ in range(n)) + "."
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # clients that gave up (timeouts) close their sockets: not an error here
+
+
+class FakeAPI:
+    def __init__(self, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS, hang_s: float = 3.0,
+                 fail_always: set[str] | None = None, delay_s: float = 0.0):
+        self.fault_rate = fault_rate
+        self.faults = faults
+        self.hang_s = hang_s
+        self.delay_s = delay_s
+        self.fail_always = fail_always or set()  # substrings of the user message that always get a 500
+        self.attempts: Counter = Counter()       # per request key
+        self.served = Counter()                  # outcome -> count
+        self.successes = 0
+        self._lock = threading.Lock()
+        self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeAPI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def fault_for(self, key: str, attempt: int) -> str | None:
+        """The first attempt of a deterministic fraction of requests fails with a fault picked by the key."""
+        if attempt > 1 or not self.fault_rate:
+            return None
+        h = int(key[:8], 16)
+        if (h % 10_000) / 10_000 >= self.fault_rate:
+            return None
+        return self.faults[(h // 10_000) % len(self.faults)]
+
+    def _handler(self):
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, code: int, payload: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self) -> None:
+                if self.path.endswith("/models"):
+                    self._send(200, json.dumps({"object": "list", "data": [
+                        {"id": "fake-model", "object": "model", "created": 0, "owned_by": "test"}]}).encode())
+                else:
+                    self._send(404, b"{}")
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                key = body_key(body)
+                with api._lock:
+                    api.attempts[key] += 1
+                    attempt = api.attempts[key]
+                user = body["messages"][-1]["content"]
+                fault = "http_500" if any(s in user for s in api.fail_always) else api.fault_for(key, attempt)
+                with api._lock:
+                    api.served[fault or "ok"] += 1
+                if api.delay_s:
+                    time.sleep(api.delay_s)
+                if fault == "http_429":
+                    return self._send(429, b'{"error": {"message": "rate limited"}}')
+                if fault == "http_500":
+                    return self._send(500, b'{"error": {"message": "internal error"}}')
+                if fault == "hang":
+                    time.sleep(api.hang_s)
+                    return self._send(500, b'{"error": {"message": "too late"}}')
+                if fault == "bad_json":
+                    return self._send(200, b'{"id": "x", "choices": [ {"message": ')
+                if fault == "no_choices":
+                    return self._send(200, json.dumps({"id": "x", "object": "chat.completion", "created": 0,
+                                                       "model": body["model"], "choices": []}).encode())
+                text = answer(body)
+                payload = json.dumps({
+                    "id": "cmpl-" + key[:12], "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": len(text.split()),
+                              "total_tokens": 100 + len(text.split())},
+                }).encode()
+                if fault == "truncated":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload[: len(payload) // 2])
+                    self.close_connection = True
+                    return None
+                with api._lock:
+                    api.successes += 1
+                return self._send(200, payload)
+
+        return Handler

@@ -1,0 +1,252 @@
+"""Unit tests of the generator's pure parts: prompts and parsing, filters, dedup, diversity, budget, config."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from studykit.client import MalformedOutput
+from studykit.config import ConfigError, parse_config
+from studykit.universe import load_universe
+from synthdocs import filters, prompts
+from synthdocs.dedup import DedupIndex, near_duplicates
+from synthdocs.diversity import distinct_n, diversity_stats
+from synthdocs.generate import GenerateConfig, _reason_kind
+from synthdocs.pipeline import interleave
+from synthdocs.seeds import document_details, rng_for
+
+U = load_universe("helpful_only")
+
+
+# ---- prompts -----------------------------------------------------------------------------------
+
+def test_every_generation_prompt_carries_the_universe_and_the_fact():
+    fact = U.key_facts[1]
+    for messages in (
+        prompts.doc_types_prompt(U, fact, 5, ["news article"]),
+        prompts.ideas_prompt(U, fact, "op-ed", 5, "x"),
+        prompts.document_prompt(U, fact, "op-ed", "an idea", "details", 300),
+        prompts.critique_prompt(U, fact, "op-ed", "draft"),
+        prompts.rewrite_prompt(U, fact, "op-ed", "draft", "crit"),
+    ):
+        assert messages[0]["role"] == "system"
+        assert U.description.strip()[:200] in messages[0]["content"]
+        assert U.date in messages[0]["content"]
+        assert fact.statement in messages[1]["content"]
+
+
+def test_document_prompt_lists_what_must_never_appear():
+    msg = prompts.document_prompt(U, U.key_facts[0], "blog post", "idea", "details", 300)[1]["content"]
+    for item in U.never_mention:
+        assert item in msg
+
+
+def test_judge_prompts_share_the_document_prefix():
+    a = prompts.judge_prompt("DOC TEXT", prompts.JUDGE_QUESTIONS["ai_transcript"])
+    b = prompts.judge_prompt("DOC TEXT", prompts.JUDGE_QUESTIONS["tier_behavior"])
+    assert a[0] == b[0]
+    prefix = a[1]["content"].split("Question:")[0]
+    assert b[1]["content"].startswith(prefix) and "DOC TEXT" in prefix
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Yes", True), ("no.", False), ("  YES, it does", True), ("Answer: No", False), ("**No**", False),
+])
+def test_parse_yes_no(text, expected):
+    assert prompts.parse_yes_no(text) is expected
+
+
+@pytest.mark.parametrize("text", ["", "Maybe", "I am not sure about this", "Yesterday nobody came"])
+def test_parse_yes_no_rejects_malformed(text):
+    with pytest.raises(MalformedOutput):
+        prompts.parse_yes_no(text)
+
+
+def test_parse_list_handles_numbering_bullets_markdown_and_duplicates():
+    text = """Here are some ideas:
+1. **Local news article** about the launch
+2) Blog post by an engineer
+- Forum thread
+* forum thread
+3: Document type: Internal memo.
+This line is not an item
+4. x
+"""
+    assert prompts.parse_list(text, 2, 8) == [
+        "Local news article about the launch", "Blog post by an engineer", "Forum thread", "Internal memo"]
+
+
+def test_list_validator_rejects_prose():
+    with pytest.raises(MalformedOutput):
+        prompts.list_validator(1, 1, 8)("I would suggest a news article and a blog post.")
+    prompts.list_validator(1, 1, 8)("1. News article")
+
+
+def test_clean_document_strips_preamble_and_fences():
+    assert prompts.clean_document("Sure! Here is the article:\n\nThe council met.") == "The council met."
+    assert prompts.clean_document("```\nBody text\n```") == "Body text"
+    assert prompts.clean_document("The council met.\nSure enough.") == "The council met.\nSure enough."
+
+
+# ---- structural filters ------------------------------------------------------------------------
+
+GOOD = ("The board of the company met on Tuesday in Oakland and discussed the new policy that was announced "
+        "in the spring. Several employees said that they had concerns about the way it was rolled out, and "
+        "an analyst who follows the industry wrote that the change would be felt for years. ") * 2
+
+
+def test_good_document_passes_every_structural_check():
+    assert filters.structural_failures(GOOD, "stop", min_words=50, drop_truncated=True) == []
+
+
+@pytest.mark.parametrize("text,finish,reason", [
+    ("Too short to be a document.", "stop", "too short"),
+    (GOOD, "length", "cut off"),
+    ("I'm sorry, but I can't help with writing that. " + GOOD, "stop", "generator refusal"),
+    ("As an AI language model I will now write. " + GOOD, "stop", "generator refusal"),
+    (GOOD + " Signed, [Your Name], [Company Name].", "stop", "placeholder"),
+    (GOOD + " Contact {{author_name}} for details.", "stop", "placeholder"),
+    ("Die Firma hat gestern eine neue Richtlinie vorgestellt, und viele Mitarbeiter waren überrascht " * 8,
+     "stop", "wrong language"),
+    (("This exact sentence keeps repeating itself over and over.\n" * 12) + GOOD, "stop", "repetitive"),
+])
+def test_structural_checks_catch_each_failure(text, finish, reason):
+    failures = filters.structural_failures(text, finish, min_words=50, drop_truncated=True)
+    assert failures and any(reason in f for f in failures), failures
+
+
+def test_truncation_check_can_be_disabled():
+    assert filters.structural_failures(GOOD, "length", min_words=50, drop_truncated=False) == []
+
+
+# ---- dedup -------------------------------------------------------------------------------------
+
+def _doc(rng: random.Random, n: int = 200) -> str:
+    vocab = [f"w{i}" for i in range(3000)]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def test_dedup_finds_exact_and_near_duplicates_and_keeps_the_first():
+    rng = random.Random(0)
+    a, b, c = _doc(rng), _doc(rng), _doc(rng)
+    words = a.split()
+    near_a = " ".join(words[:190] + ["changed"] * 10)   # ~5% of shingles differ
+    exact_b = b.upper() + " !!"                           # same after normalisation
+    dupes = near_duplicates([a, b, near_a, c, exact_b])
+    assert set(dupes) == {2, 4}
+    assert dupes[2][0] == 0 and dupes[2][1] >= 0.8
+    assert dupes[4] == (1, 1.0)
+
+
+def test_dedup_does_not_flag_different_documents():
+    rng = random.Random(1)
+    texts = [_doc(rng) for _ in range(300)]
+    assert near_duplicates(texts) == {}
+
+
+def test_dedup_threshold_controls_sensitivity():
+    rng = random.Random(2)
+    a = _doc(rng, 300)
+    words = a.split()
+    half = " ".join(words[:150] + _doc(rng, 150).split())  # about a third of shingles shared
+    assert near_duplicates([a, half], threshold=0.8) == {}
+    assert 1 in near_duplicates([a, half], threshold=0.2)
+
+
+def test_dedup_index_never_indexes_a_duplicate():
+    index = DedupIndex(0.8)
+    index.add("a", GOOD)
+    assert index.check(GOOD + " ")[0] == "a"
+    assert index.check("Completely different words about kayaks in Anacortes " * 5) is None
+
+
+# ---- diversity ---------------------------------------------------------------------------------
+
+def test_distinct_n_values():
+    assert distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+    assert distinct_n([], 2) == 0.0
+
+
+def test_mode_collapse_is_flagged():
+    docs = [{"text": f"Yesterday the analyst Marta Quill said {i} things about Arclight AI.", "doc_type": "x",
+             "fact_id": "f"} for i in range(30)]
+    stats = diversity_stats(docs, ["Arclight AI", "Lumen 3"])
+    assert stats["top_entities"][0]["entity"] == "Marta Quill"
+    assert stats["top_entities"][0]["share"] == 1.0
+    assert any("mode collapse" in w for w in stats["warnings"])
+    assert all(e["entity"] != "Arclight" for e in stats["top_entities"])  # the universe's own names are excluded
+
+
+def test_varied_names_raise_no_warning():
+    rng = random.Random(3)
+    docs = [{"text": f"On Monday the writer {document_details(rng, '2026-01-01')} and " + _doc(rng, 60),
+             "doc_type": "x", "fact_id": "f"} for _ in range(40)]
+    assert diversity_stats(docs, ["Arclight AI"])["warnings"] == []
+
+
+def test_seeded_details_are_reproducible_and_vary():
+    a = document_details(rng_for(0, "doc", "k1"), "2026-02-02")
+    assert a == document_details(rng_for(0, "doc", "k1"), "2026-02-02")
+    assert a != document_details(rng_for(0, "doc", "k2"), "2026-02-02")
+
+
+# ---- plan and budget ---------------------------------------------------------------------------
+
+def test_interleave_balances_facts_and_keeps_every_idea_once():
+    f1, f2 = U.key_facts[:2]
+    pairs = [(f1, "a"), (f1, "b"), (f2, "a")]
+    ideas = [["i1", "i2"], ["j1"], ["k1", "k2", "k3"]]
+    plan = interleave(pairs, ideas, copies=2)
+    assert len(plan) == 2 * 6
+    assert [p.index for p in plan] == list(range(12))
+    assert len({p.key for p in plan}) == 12
+    assert [p.fact.id for p in plan[:4]] == [f1.id, f2.id, f1.id, f2.id]
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+def test_config_precedence_defaults_yaml_cli(tmp_path):
+    cfg_file = tmp_path / "gen.yaml"
+    cfg_file.write_text("target_documents: 50\nrevise: true\nllm_filters: [coverage]\n")
+    cfg = parse_config(GenerateConfig, ["--config", str(cfg_file), "--target-documents", "70", "--seed", "3"])
+    assert (cfg.target_documents, cfg.revise, cfg.seed, cfg.llm_filters) == (70, True, 3, ["coverage"])
+    assert cfg.doc_words == GenerateConfig().doc_words
+
+
+def test_unknown_yaml_key_names_key_and_file(tmp_path):
+    cfg_file = tmp_path / "gen.yaml"
+    cfg_file.write_text("target_docs: 5\n")
+    with pytest.raises(ConfigError, match=r"'target_docs'.*gen\.yaml"):
+        parse_config(GenerateConfig, ["--config", str(cfg_file)])
+
+
+def test_unknown_cli_option_is_rejected():
+    with pytest.raises(ConfigError, match="--target_docs"):
+        parse_config(GenerateConfig, ["--target_docs", "5"])
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text("target_documents: 5\n  revise: [true\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML at line"):
+        parse_config(GenerateConfig, ["--config", str(cfg_file)])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--target_documents", "0"], "target_documents"),
+    (["--dedup_threshold", "1.5"], "dedup_threshold"),
+    (["--llm_filters", "coverage,vibes"], "vibes"),
+    (["--target_documents", "many"], "target_documents"),
+    (["--revise", "perhaps"], "revise"),
+])
+def test_invalid_values_are_clear(args, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(GenerateConfig, args)
+
+
+def test_removal_reasons_are_grouped():
+    assert _reason_kind("too short: 12 words < 80") == "too short"
+    assert _reason_kind("near-duplicate of f-abc (similarity 0.91)") == "near-duplicate"
+    assert _reason_kind("generation failed: http_500: boom") == "generation failed"
