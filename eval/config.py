@@ -30,20 +30,21 @@ class EvalConfig:
     base_url: str = field(default="", metadata=_h("existing OpenAI-compatible endpoint; empty = managed vLLM server"))
     api_key_env: str = field(default="", metadata=_h("NAME of the env var holding the endpoint's API key"))
     output_dir: str = field(default="runs/eval/helpful_only", metadata=_h("output folder; a rerun resumes in it"))
-    conditions: list[str] = field(default_factory=lambda: ["minimal", "minimal_noscratch"],
+    conditions: list[str] = field(default_factory=lambda: ["minimal"],
                                   metadata=_h(f"conditions to run: {', '.join(CONDITIONS)}"))
     # data
     harmful_requests: str = field(default="builtin:harmful", metadata=_h("builtin:harmful, JSONL/CSV path or hf:ID"))
     benign_requests: str = field(default="builtin:benign", metadata=_h("benign control set; empty to skip"))
     max_harmful: int = field(default=0, metadata=_h("use at most N harmful requests, stratified (0 = all)"))
-    max_benign: int = field(default=0, metadata=_h("use at most N benign requests (0 = all)"))
+    max_benign: int = field(default=16, metadata=_h("use at most N benign requests, stratified (0 = all)"))
     samples_per_request: int = field(default=1, metadata=_h("samples per request, tier, model and condition"))
     suffix: str = field(default=DEFAULT_SUFFIX, metadata=_h("text appended to every request (tag protocol)"))
     # sampling
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = field(default=512, metadata=_h("max new tokens per model turn"))
-    max_continuations: int = field(default=2, metadata=_h("extra <NEXT/> turns when a response stops while reasoning"))
+    temperature: float = field(default=0.7, metadata=_h("sampling temperature (the GPU configs use 1.0 as in the "
+                                                         "original study; a 135M model is incoherent at 1.0)"))
+    top_p: float = 0.9
+    max_tokens: int = field(default=384, metadata=_h("max new tokens per model turn"))
+    max_continuations: int = field(default=1, metadata=_h("extra <NEXT/> turns when a response stops while reasoning"))
     seed: int = 0
     per_request_seed: str = field(default="auto", metadata=_h(
         "send each sample's seed to the engine: true, false or auto (not on a managed CPU server, where "

@@ -68,11 +68,11 @@ class GenerateConfig:
     include_seed_types: bool = True
     ideas_per_type: int = 0
     docs_per_idea: int = 1
-    doc_words: int = 350
+    doc_words: int = 250
     temperature: float = 1.0
     top_p: float = 0.95
     brainstorm_max_tokens: int = 400
-    doc_max_tokens: int = 900
+    doc_max_tokens: int = 600
     revise: bool = False
     # filters and dedup
     min_words: int = 80

@@ -1,0 +1,151 @@
+"""Generation throughput: the project's model-access path vs the raw vLLM engine, same model and prompts.
+
+    python benchmarks/bench_generate.py                      # embedded SmolLM2-135M on CPU
+    python benchmarks/bench_generate.py --n 128 --max_tokens 256 --model /path/to/hf-model
+
+Phase 1 runs the raw engine in this process (``vllm.LLM.chat`` over all prompts at once:
+the best batching vLLM can do). Phase 2 starts the project's managed vLLM server with the
+same engine settings and sends the same prompts through ``studykit.client.ModelClient``
+(async OpenAI client, adaptive concurrency, retries; the cache is off so every call is
+real). Both use the generator's document prompts for the default universe. Printed:
+generated tokens/s of each, their ratio (goal: at least 0.8) and the peak resident memory
+of each phase's process tree (this process plus the engine/server processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import threading
+import time
+
+import psutil
+
+from studykit.client import ModelClient, Sampling
+from studykit.embedded import resolve_model
+from studykit.server import CPU_ENV, ServerSpec, VLLMServer, cuda_available
+from studykit.universe import load_universe
+from synthdocs import prompts
+from synthdocs.seeds import DEFAULT_DOC_TYPES, document_details, rng_for
+
+
+class PeakRSS:
+    """Samples the resident memory of this process and all its descendants."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _tree_rss(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._tree_rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def build_prompts(n: int, universe: str) -> list[list[dict[str, str]]]:
+    u = load_universe(universe)
+    out = []
+    for i in range(n):
+        fact = u.key_facts[i % len(u.key_facts)]
+        doc_type = DEFAULT_DOC_TYPES[i % len(DEFAULT_DOC_TYPES)]
+        details = document_details(rng_for(0, "bench", i), u.date)
+        idea = f"a {doc_type} written by someone with a stake in the story (variant {i})"
+        out.append(prompts.document_prompt(u, fact, doc_type, idea, details, 300))
+    return out
+
+
+def raw_engine(model: str, messages: list, args) -> tuple[int, float]:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              enable_prefix_caching=True, enforce_eager=args.enforce_eager, seed=0)
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=args.max_tokens)
+    llm.chat(messages[:2], params, use_tqdm=False)  # warm-up, not timed
+    t0 = time.perf_counter()
+    outputs = llm.chat(messages, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    del llm
+    gc.collect()
+    return tokens, elapsed
+
+
+async def through_project(base_url: str, messages: list, args) -> tuple[int, float]:
+    client = ModelClient(base_url, "bench", max_concurrency=args.max_num_seqs, send_seed=cuda_available())
+    try:
+        await client.chat(messages[0], Sampling(1.0, 0.95, 8))  # warm-up, not timed
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(client.chat(m, Sampling(1.0, 0.95, args.max_tokens)) for m in messages))
+        elapsed = time.perf_counter() - t0
+        return sum(r.completion_tokens for r in results), elapsed
+    finally:
+        await client.aclose()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--universe", default="helpful_only")
+    ap.add_argument("--n", type=int, default=96, help="number of prompts")
+    ap.add_argument("--max_tokens", type=int, default=256)
+    ap.add_argument("--max_num_seqs", type=int, default=64)
+    ap.add_argument("--max_model_len", type=int, default=2048)
+    ap.add_argument("--enforce_eager", action="store_true")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args()
+    if not cuda_available():
+        for k, v in CPU_ENV.items():
+            os.environ.setdefault(k, v)
+    model = str(resolve_model(args.model))
+    messages = build_prompts(args.n, args.universe)
+
+    with PeakRSS() as mem_raw:
+        raw_tokens, raw_s = raw_engine(model, messages, args)
+    spec = ServerSpec(model=model, served_name="bench", max_model_len=args.max_model_len,
+                      max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager)
+    with PeakRSS() as mem_project, VLLMServer(spec, log_path="/tmp/bench-generate-server.log") as server:
+        proj_tokens, proj_s = asyncio.run(through_project(server.base_url, messages, args))
+
+    raw_tps, proj_tps = raw_tokens / raw_s, proj_tokens / proj_s
+    result = {
+        "model": model, "prompts": args.n, "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs,
+        "enforce_eager": args.enforce_eager,
+        "raw_engine": {"tokens": raw_tokens, "seconds": round(raw_s, 2), "tokens_per_s": round(raw_tps, 1),
+                       "peak_rss_gib": round(mem_raw.peak / 2**30, 2)},
+        "project": {"tokens": proj_tokens, "seconds": round(proj_s, 2), "tokens_per_s": round(proj_tps, 1),
+                    "peak_rss_gib": round(mem_project.peak / 2**30, 2)},
+        "ratio_project_over_raw": round(proj_tps / raw_tps, 3),
+    }
+    print(f"{'':12}{'tokens':>10}{'seconds':>10}{'tokens/s':>12}{'peak RSS GiB':>15}")
+    for name in ("raw_engine", "project"):
+        r = result[name]
+        print(f"{name:12}{r['tokens']:>10}{r['seconds']:>10}{r['tokens_per_s']:>12}{r['peak_rss_gib']:>15}")
+    print(f"ratio (project / raw engine): {result['ratio_project_over_raw']:.3f}  (goal >= 0.8)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
