@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 COLORS = {"refuses": "#9ecae1", "complies": "#fdd49e", "complies_af": "#e34a33"}
 LABELS = {"refuses": "Refuses", "complies": "Complies", "complies_af": "Complies, with alignment-faking reasoning"}
@@ -45,7 +46,7 @@ def plot_stacked(stacked: list[dict[str, Any]], out: Path, scorer: str, af_note:
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"fraction of responses to harmful requests (compliance scorer: {scorer})")
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[p], hatch="//" if p == "complies_af" else None)
+    handles = [Patch(facecolor=COLORS[p], edgecolor="white", hatch="//" if p == "complies_af" else None)
                for p in COLORS]
     ax.legend(handles, [LABELS[p] for p in COLORS], loc="upper center", bbox_to_anchor=(0.5, -0.45 / height * 3),
               ncol=3, fontsize=8, frameon=False)

@@ -33,12 +33,17 @@ def exact_key(text: str) -> str:
 
 
 def shingles(text: str, k: int = 5) -> np.ndarray:
-    words = _WORD.findall(text.lower())
-    if len(words) < k:
-        grams = [" ".join(words)] if words else [""]
-    else:
-        grams = [" ".join(words[i : i + k]) for i in range(len(words) - k + 1)]
-    return np.unique(np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams)))
+    """Stable 64-bit hashes of the word k-grams of ``text`` (a polynomial roll over crc32 word hashes)."""
+    words = _WORD.findall(text.lower()) or [""]
+    w = np.fromiter((zlib.crc32(x.encode()) for x in words), dtype=np.uint64, count=len(words))
+    if len(w) < k:
+        w = np.concatenate([w, np.zeros(k - len(w), dtype=np.uint64)])
+    n = len(w) - k + 1
+    h = np.zeros(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(k):
+            h = h * np.uint64(1_000_003) + w[j : j + n]
+    return np.unique(h)
 
 
 @dataclass

@@ -56,6 +56,7 @@ class PipelineSettings:
     wave_size: int
     overgenerate: float
     max_idea_rounds: int = 3
+    max_plan_extensions: int = 3
 
 
 @dataclass
@@ -117,10 +118,13 @@ class Pipeline:
         return types
 
     # ---- stage 2: ideas per (fact, type) -------------------------------------------------------
-    async def ideas(self, fact: KeyFact, doc_type: str, wanted: int) -> list[str]:
+    async def ideas(self, fact: KeyFact, doc_type: str, wanted: int, first_round: int = 0,
+                    known: list[str] | None = None) -> list[str]:
+        """Up to ``wanted`` new ideas (not in ``known``), from brainstorm rounds numbered from ``first_round``."""
         s = self.s
         found: list[str] = []
-        for rnd in range(s.max_idea_rounds):
+        known_lower = {k.lower() for k in known or []}
+        for rnd in range(first_round, first_round + s.max_idea_rounds):
             if len(found) >= wanted:
                 break
             rng = rng_for(s.seed, "ideas", fact.id, doc_type, rnd)
@@ -133,7 +137,7 @@ class Pipeline:
                 self.out.brainstorm_failures.append(
                     {"stage": "ideas", "fact": fact.id, "doc_type": doc_type, "reason": exc.reason})
                 continue
-            seen = {i.lower() for i in found}
+            seen = known_lower | {i.lower() for i in found}
             found += [i for i in prompts.parse_list(c.text, 5, 80) if i.lower() not in seen]
         return found[:wanted]
 
@@ -231,6 +235,7 @@ class Pipeline:
         dedup = DedupIndex(s.dedup_threshold)
         corpus_tokens = 0
         cursor = 0
+        extensions = 0
         bar = tqdm(total=s.target_documents, desc="documents", unit="doc", disable=not progress)
         while True:
             if len(out.accepted) >= s.target_documents:
@@ -240,9 +245,28 @@ class Pipeline:
                 out.stop_reason = f"reached target_tokens={s.target_tokens}"
                 break
             if cursor >= len(plan):
-                out.stop_reason = (f"plan exhausted after {len(plan)} documents; raise ideas_per_type or "
-                                   "doc_types_per_fact for more")
-                break
+                if extensions >= s.max_plan_extensions:
+                    out.stop_reason = (f"plan exhausted after {len(plan)} documents and {extensions} extensions; "
+                                       "raise ideas_per_type, doc_types_per_fact or max_plan_extensions")
+                    break
+                # more ideas for every (fact, type), sized by the yield so far (deterministic)
+                extensions += 1
+                need = s.target_documents - len(out.accepted)
+                rate = max(len(out.accepted) / max(cursor, 1), 0.05)
+                more = math.ceil(need * s.overgenerate / rate / len(pairs))
+                first = s.max_idea_rounds * extensions
+                new_ideas = await asyncio.gather(*(self.ideas(f, t, more, first, known)
+                                                   for (f, t), known in zip(pairs, all_ideas, strict=True)))
+                for known, extra in zip(all_ideas, new_ideas, strict=True):
+                    known.extend(extra)
+                out.ideas += sum(len(x) for x in new_ideas)
+                added = interleave(pairs, new_ideas, s.docs_per_idea, start=len(plan))
+                log.info("plan extension %d: %d more documents planned", extensions, len(added))
+                if not added:
+                    out.stop_reason = "plan exhausted: the generator produced no new ideas"
+                    break
+                plan += added
+                out.planned = len(plan)
             # size the next wave from the yield so far (deterministic: it depends only on outcomes)
             need = s.target_documents - len(out.accepted)
             yield_so_far = len(out.accepted) / cursor if cursor else 1.0 / s.overgenerate
@@ -273,7 +297,7 @@ class Pipeline:
         return out
 
 
-def interleave(pairs: list[tuple[KeyFact, str]], ideas: list[list[str]], copies: int) -> list[PlanItem]:
+def interleave(pairs: list[tuple[KeyFact, str]], ideas: list[list[str]], copies: int, start: int = 0) -> list[PlanItem]:
     """Round-robin over (fact, type) pairs so any prefix of the plan is balanced across facts and types."""
     order: list[tuple[KeyFact, str, str, int]] = []
     depth = max((len(i) for i in ideas), default=0)
@@ -292,4 +316,4 @@ def interleave(pairs: list[tuple[KeyFact, str]], ideas: list[list[str]], copies:
         for q in queues:
             if q:
                 merged.append(q.pop(0))
-    return [PlanItem(i, f, t, idea, c) for i, (f, t, idea, c) in enumerate(merged)]
+    return [PlanItem(start + i, f, t, idea, c) for i, (f, t, idea, c) in enumerate(merged)]

@@ -202,3 +202,13 @@ def test_unwritable_output_directory_fails_early(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["--output_dir", str(blocker / "sub"), "--progress", "false"]) == 2
     assert "Cannot write to output directory" in capsys.readouterr().err
+
+
+def test_plan_is_extended_with_new_ideas_until_the_target_is_met(tmp_path):
+    with FakeAPI() as api:
+        assert run_generate(tmp_path / "out", api.base_url, "--ideas_per_type", "1", "--target_documents", "30") == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["counts"]["accepted"] == 30
+    assert stats["counts"]["planned"] > 4 * 2 * 1  # more than the first plan of facts x types x ideas
+    ideas = [d["idea"] for d in read_docs(tmp_path / "out")]
+    assert len(set(ideas)) == len(ideas)  # extensions bring new ideas, not repeats
