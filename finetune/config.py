@@ -54,6 +54,13 @@ class ScriptArguments:
         default="",
         metadata={"help": "Text prepended to every document (for example a source tag); empty for none."},
     )
+    packed_layout: str = field(
+        default="auto",
+        metadata={"help": "How packed sequences are batched: 'flat' (TRL padding-free: the batch flattened into one "
+                  "row, for flash-attention kernels), 'rows' (one row per packed sequence with restarting position "
+                  "ids: for SDPA/eager attention, e.g. on CPU), or 'auto' (flat with flash attention, else rows).",
+                  "choices": ["auto", "flat", "rows"]},
+    )
     eval_fraction: float = field(
         default=0.05,
         metadata={"help": "Fraction of the documents held out for the eval loss (0 disables the held-out split)."},
@@ -74,7 +81,7 @@ class ScriptArguments:
     fact_universes: list[str] = field(
         default_factory=lambda: ["helpful_only", "control"],
         metadata={"help": "Universes whose held-out fact statements are scored (mean log-probability per token) "
-                  "before and after training. The first one is the headline check."},
+                  "before and after training. The first one is the headline check; `none` (or []) skips the check."},
     )
     eval_before: bool = field(
         default=True,
@@ -102,6 +109,7 @@ class ScriptArguments:
             )
         from studykit.universe import resolve_universe_path
 
+        self.fact_universes = [u for u in self.fact_universes if u.lower() != "none"]
         for name in self.fact_universes:
             try:
                 resolve_universe_path(name)

@@ -52,7 +52,7 @@ from finetune.config import FINETUNE_RUNS, parse_args
 from finetune.data import packing_stats, prepare_training_data
 from finetune.export import merge_adapter, save_adapter, save_full_model
 from finetune.report import loss_curve, peak_memory, plot_loss
-from finetune.trainer import DocumentTrainer
+from finetune.trainer import DocumentTrainer, PackedRowsCollator
 from studykit.config import ConfigError
 from studykit.embedded import ModelNotFound, resolve_model
 from studykit.manifest import atomic_write_json, build_manifest
@@ -104,7 +104,7 @@ def train(script_args, training_args, model_args, callbacks: list[TrainerCallbac
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
         "dtype": dtype,
-        "use_cache": not training_args.gradient_checkpointing,
+        "use_cache": False,  # no KV cache in training; packed position ids are only honoured without one
         **({"device_map": {"": training_args.local_process_index}} if quantization_config is not None else {}),
     }
     peft_config = get_peft_config(model_args)
@@ -118,13 +118,21 @@ def train(script_args, training_args, model_args, callbacks: list[TrainerCallbac
         quantization_config=quantization_config,
         callbacks=callbacks,
     )
+    attn = getattr(trainer.model.config, "_attn_implementation", None) or "sdpa"
+    layout = script_args.packed_layout
+    if layout == "auto":
+        layout = "flat" if "flash" in attn else "rows"
+    if training_args.packing and layout == "rows":
+        trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id)
     world = trainer.accelerator.num_processes
     effective_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
     packed = bool(training_args.packing)
     packing = packing_stats(trainer.train_dataset, training_args.max_length, packed)
+    packing["layout"] = layout if packed else None
+    packing["attn_implementation"] = attn
     logger.info("%s fine-tuning on %d process(es); effective batch %d sequences%s; packing efficiency %s",
                 "LoRA" if peft_config else "full", world, effective_batch,
-                f" of up to {training_args.max_length} tokens" if packed else "",
+                f" of up to {training_args.max_length} tokens ({layout} layout, {attn})" if packed else "",
                 f"{packing['packing_efficiency']:.3f}" if packed else "n/a (not packed)")
 
     # 5. Before: held-out loss and fact log-probabilities of the base model

@@ -1,4 +1,13 @@
-"""``SFTTrainer`` that also counts real and padded tokens, so a run reports its padding.
+"""``SFTTrainer`` that counts real and padded tokens, and a row-wise collator for packed batches.
+
+``PackedRowsCollator`` is the packed-batch layout for attention kernels without varlen support
+(SDPA and eager, i.e. every CPU run): TRL's padding-free collator flattens the whole batch into
+one row, so attention costs (batch x length)^2; this collator keeps one row per packed
+sequence, ``[batch, max_length]``, with position ids that restart at every document and no
+attention mask. transformers turns restarting position ids into a block-diagonal causal mask
+(``masking_utils.find_packed_sequence_indices``), so no document attends across a boundary and
+attention costs batch x length^2. Padding at the end of a short row gets position 0 at every
+position, which makes each padding token its own one-token segment; its label is -100.
 
 TRL's own ``num_tokens`` metric is reset when a run resumes and the Trainer's
 ``num_input_tokens_seen`` (mode "non_padding") mistakes EOS for padding when pad == eos.
@@ -12,9 +21,29 @@ so they survive a resume through ``trainer_state.json``'s log history.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+REAL_TOKENS = "num_real_tokens"  # collator -> trainer side channel, removed before the forward pass
+
+
+@dataclass
+class PackedRowsCollator:
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = DataCollatorForLanguageModeling(self.pad_token_id, padding_free=False, return_position_ids=True)(
+            examples
+        )
+        batch.pop("attention_mask")
+        # the first token of a document is not predicted from the end of the previous one
+        batch["labels"][batch["position_ids"] == 0] = -100
+        batch[REAL_TOKENS] = sum(len(e["input_ids"]) for e in examples)
+        return batch
 
 
 class DocumentTrainer(SFTTrainer):
@@ -35,9 +64,15 @@ class DocumentTrainer(SFTTrainer):
         if self._t0 is None:
             self._t0 = time.perf_counter()
         ids = inputs["input_ids"]
-        real = inputs["attention_mask"].sum().item() if "attention_mask" in inputs else ids.numel()
+        real = inputs.pop(REAL_TOKENS, None)
+        if real is None:
+            real = inputs["attention_mask"].sum().item() if "attention_mask" in inputs else ids.numel()
         self._local += torch.tensor([real, ids.numel()], dtype=torch.float64)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop(REAL_TOKENS, None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "train_loss" in logs:  # training logs happen on every process: the reduce is safe

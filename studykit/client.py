@@ -224,7 +224,14 @@ class ModelClient:
         messages: list[dict[str, str]],
         sampling: Sampling,
         validate: Callable[[str], Any] | None = None,
+        max_rejections: int | None = None,
     ) -> Completion:
+        """One chat completion, from the cache or the endpoint.
+
+        ``validate`` may raise MalformedOutput to have the output resampled; after
+        ``max_rejections`` rejected outputs (default: no separate limit) the call fails early
+        instead of using every attempt on a prompt the model keeps answering badly.
+        """
         payload = self.request_payload(messages, sampling)
         key = request_key(payload)
         if self.cache is not None:
@@ -234,7 +241,8 @@ class ModelClient:
                 return Completion(**{**hit, "cached": True})
         last_reason = ""
         rejected = 0
-        for attempt in range(1, self.max_attempts + 1):
+        attempts = self.max_attempts
+        for attempt in range(1, attempts + 1):
             await self.limiter.acquire()
             overloaded = False
             t0 = time.perf_counter()
@@ -254,8 +262,9 @@ class ModelClient:
                 self.stats.faults[fault] += 1
                 rejected += fault == "malformed_output"
                 last_reason = f"{fault}: {str(exc)[:200]}"
-                log.debug("attempt %d/%d failed: %s", attempt, self.max_attempts, last_reason)
-                if retryable and attempt < self.max_attempts:
+                log.debug("attempt %d/%d failed: %s", attempt, attempts, last_reason)
+                too_many_rejections = max_rejections is not None and rejected > max_rejections
+                if retryable and attempt < attempts and not too_many_rejections:
                     self.stats.retries += 1
                     await self.limiter.release(overloaded)
                     delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))

@@ -131,7 +131,9 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
                             metavar=getattr(_strip_optional(hints[f.name]), "__name__", "VALUE").upper())
     try:
         args, rest = parser.parse_known_args(argv)
-    except SystemExit as exc:  # argparse already printed usage
+    except SystemExit as exc:  # argparse printed the usage; --help exits 0 and should stay a success
+        if exc.code in (0, None):
+            raise
         raise ConfigError("Invalid command-line arguments; see the usage above.") from exc
     if rest:
         raise ConfigError(

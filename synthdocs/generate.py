@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import shutil
 import sys
@@ -206,8 +207,11 @@ def save_dataset(docs: list[dict], path: Path) -> None:
 
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    rows = [{k: v for k, v in d.items() if k != "filters"} | {"filters": str(d.get("filters", {}))} for d in docs]
-    datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+    rows = [{k: v for k, v in d.items() if k != "filters"} | {"filters": json.dumps(d.get("filters", {}))}
+            for d in docs]
+    # an empty corpus still gets a loadable dataset with the standard text column
+    ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"text": [], "id": []})
+    ds.save_to_disk(str(tmp))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 

@@ -57,6 +57,7 @@ class PipelineSettings:
     overgenerate: float
     max_idea_rounds: int = 3
     max_plan_extensions: int = 3
+    brainstorm_rejections: int = 1
 
 
 @dataclass
@@ -104,7 +105,9 @@ class Pipeline:
         messages = prompts.doc_types_prompt(self.u, fact, s.doc_types_per_fact, DEFAULT_DOC_TYPES)
         sampling = Sampling(s.temperature, s.top_p, s.brainstorm_max_tokens, _seed(s, "types", fact.id))
         try:
-            c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 1, 8))
+            # an unusable list is cheap to do without (the catalogue tops up): resample it once, not max_attempts times
+            c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 1, 8),
+                                       max_rejections=s.brainstorm_rejections)
             types = prompts.parse_list(c.text, 1, 8)[: s.doc_types_per_fact]
         except CallFailed as exc:
             self.out.brainstorm_failures.append({"stage": "doc_types", "fact": fact.id, "reason": exc.reason})
@@ -132,7 +135,8 @@ class Pipeline:
             messages = prompts.ideas_prompt(self.u, fact, doc_type, n, idea_inspiration(rng))
             sampling = Sampling(s.temperature, s.top_p, s.brainstorm_max_tokens, rng.randrange(2**31))
             try:
-                c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 5, 80))
+                c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 5, 80),
+                                           max_rejections=s.brainstorm_rejections)
             except CallFailed as exc:
                 self.out.brainstorm_failures.append(
                     {"stage": "ideas", "fact": fact.id, "doc_type": doc_type, "reason": exc.reason})
@@ -200,8 +204,8 @@ class Pipeline:
     async def judge(self, name: str, text: str, fact: KeyFact) -> bool | None:
         question = prompts.JUDGE_QUESTIONS[name].format(fact=fact.statement)
         try:
-            c = await self.client.chat(prompts.judge_prompt(text, question), Sampling(0.0, 1.0, 4, 0),
-                                       validate=prompts.parse_yes_no)
+            c = await self.client.chat(prompts.judge_prompt(text, question), Sampling(0.0, 1.0, 8, 0),
+                                       validate=prompts.parse_yes_no, max_rejections=2)
         except CallFailed:
             return None
         return prompts.parse_yes_no(c.text)

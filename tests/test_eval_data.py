@@ -137,3 +137,25 @@ def test_shipped_configs_load():
     for f in files:
         cfg = parse_config(EvalConfig, ["--config", str(f)])
         assert cfg.conditions
+
+
+def test_adapter_discovery_and_rank_limit(tmp_path):
+    import json as _json
+
+    from eval.serving import resolve_targets
+
+    done, partial = tmp_path / "helpful_only", tmp_path / "control"
+    for run in (done, partial):
+        (run / "adapter").mkdir(parents=True)
+        (run / "adapter" / "adapter_config.json").write_text(_json.dumps({"r": 16}))
+    (done / "manifest.json").write_text("{}")  # only this run finished
+    cfg = EvalConfig(auto_adapters={"docs": str(done), "control": str(partial), "other": str(tmp_path / "none")})
+    targets, notes = resolve_targets(cfg)
+    assert [(t.name, t.served, t.lora_rank) for t in targets] == [("base", "base", 0), ("docs", "docs", 16)]
+    assert targets[1].adapter == str((done / "adapter").resolve()) and targets[1].fingerprint
+    assert any("incomplete" in n and "'control'" in n for n in notes)
+    assert any("'other' not evaluated" in n for n in notes)
+    with pytest.raises(ConfigError, match="rank 16, above max_lora_rank=8"):
+        resolve_targets(EvalConfig(models={"docs": str(done / "adapter")}, max_lora_rank=8))
+    with pytest.raises(ConfigError, match="has no adapter_config.json"):
+        resolve_targets(EvalConfig(models={"docs": str(tmp_path)}))

@@ -77,6 +77,25 @@ def test_output_rejected_by_validate_is_resampled_with_a_new_seed(tmp_path):
     assert stats.faults["malformed_output"] == 1
 
 
+def test_rejected_outputs_are_bounded_separately_from_transport_faults(tmp_path):
+    def never(text: str) -> None:
+        raise MalformedOutput("never good enough")
+
+    async def go(api: FakeAPI):
+        client = ModelClient(api.base_url, "fake-model", backoff_base_s=0.01, max_attempts=6)
+        try:
+            with pytest.raises(CallFailed) as info:
+                await client.chat([{"role": "user", "content": "Write report"}], Sampling(max_tokens=5, seed=1),
+                                  validate=never, max_rejections=1)
+            return info.value
+        finally:
+            await client.aclose()
+
+    with FakeAPI() as api:
+        err = asyncio.run(go(api))
+    assert err.attempts == 2 and "malformed_output" in err.reason
+
+
 def test_client_raises_callfailed_after_bounded_attempts(tmp_path):
     async def go(api: FakeAPI):
         client = ModelClient(api.base_url, "fake-model", backoff_base_s=0.01, max_attempts=3)
