@@ -167,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
             cache.close()
         t_done = time.time()
     except (ConfigError, DatasetError, ModelNotFound, ServerError, EndpointUnreachable) as exc:
-        if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
-            return 0  # argparse printed the help text
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

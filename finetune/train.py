@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch finetune/tr
 import torch
 import transformers
 from transformers import AutoTokenizer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 from trl import get_peft_config, get_quantization_config
 
 from finetune import factcheck
@@ -96,6 +96,9 @@ def train(script_args, training_args, model_args, callbacks: list[TrainerCallbac
     training_args.output_dir = str(run_dir / "checkpoints")
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     training_args.report_to = _available_integrations(training_args.report_to)
+    if data.eval is None and training_args.eval_strategy != IntervalStrategy.NO:
+        logger.info("no held-out documents (eval_fraction 0): periodic evaluation is off")
+        training_args.eval_strategy = IntervalStrategy.NO
 
     # 4. Model loading and LoRA (TRL builds the model from these, after the distributed setup)
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)

@@ -61,6 +61,12 @@ def check_repetition(text: str, max_share: float = 0.3) -> str | None:
     return f"repetitive: one line repeated {top} times" if top > 2 and top / len(lines) > max_share else None
 
 
+def trim_to_last_sentence(text: str) -> str:
+    """Cut a document that stopped at max_tokens back to its last complete sentence."""
+    ends = [m.end() for m in re.finditer(r'[.!?]["\')\u201d\u2019]?(?=\s|$)', text)]
+    return text[: ends[-1]].rstrip() if ends else ""
+
+
 def structural_failures(text: str, finish_reason: str, *, min_words: int, drop_truncated: bool) -> list[str]:
     """Every structural check the document fails, in a fixed order (the first is the removal reason)."""
     checks = [

@@ -77,7 +77,8 @@ class GenerateConfig:
     revise: bool = False
     # filters and dedup
     min_words: int = 80
-    drop_truncated: bool = True
+    truncated: str = field(default="trim", metadata={"help": "documents cut off at doc_max_tokens: drop | trim "
+                                                     "(cut back to the last full sentence, then re-checked)"})
     llm_filters: list[str] = field(default_factory=lambda: [*CLASSIFIERS, COVERAGE])
     dedup_threshold: float = 0.8
     max_entity_share: float = 0.2
@@ -97,6 +98,8 @@ class GenerateConfig:
             raise ConfigError("'target_tokens', 'ideas_per_type' and 'min_words' must not be negative.")
         if not 0 < self.dedup_threshold <= 1:
             raise ConfigError(f"'dedup_threshold' must be in (0, 1], got {self.dedup_threshold}.")
+        if self.truncated not in ("drop", "trim"):
+            raise ConfigError(f"'truncated' must be 'drop' or 'trim', got {self.truncated!r}.")
         if self.overgenerate < 1:
             raise ConfigError(f"'overgenerate' must be at least 1, got {self.overgenerate}.")
         unknown = sorted(set(self.llm_filters) - {*CLASSIFIERS, COVERAGE})

@@ -25,7 +25,7 @@ from studykit.tokens import count_tokens
 from studykit.universe import KeyFact, Universe
 from synthdocs import prompts
 from synthdocs.dedup import DedupIndex
-from synthdocs.filters import structural_failures
+from synthdocs.filters import structural_failures, trim_to_last_sentence
 from synthdocs.seeds import DEFAULT_DOC_TYPES, document_details, idea_inspiration, rng_for
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class PipelineSettings:
     doc_max_tokens: int
     revise: bool
     min_words: int
-    drop_truncated: bool
+    truncated: str
     llm_filters: list[str]
     dedup_threshold: float
     target_documents: int
@@ -178,8 +178,12 @@ class Pipeline:
                 text, finish, record["revised"] = prompts.clean_document(rew.text), rew.finish_reason, True
         except CallFailed as exc:
             return {**record, "text": "", "removed": f"generation failed: {exc.reason}", "attempts": exc.attempts}
+        if finish == "length" and s.truncated == "trim":
+            record["trimmed_chars"] = len(text)
+            text = trim_to_last_sentence(text)
+            record["trimmed_chars"] -= len(text)
         record.update(text=text, finish_reason=finish, attempts=attempts)
-        structural = structural_failures(text, finish, min_words=s.min_words, drop_truncated=s.drop_truncated)
+        structural = structural_failures(text, finish, min_words=s.min_words, drop_truncated=s.truncated == "drop")
         record["filters"]["structural"] = structural
         if structural:
             return {**record, "removed": structural[0]}

@@ -250,3 +250,9 @@ def test_removal_reasons_are_grouped():
     assert _reason_kind("too short: 12 words < 80") == "too short"
     assert _reason_kind("near-duplicate of f-abc (similarity 0.91)") == "near-duplicate"
     assert _reason_kind("generation failed: http_500: boom") == "generation failed"
+
+
+def test_trim_to_last_sentence():
+    assert filters.trim_to_last_sentence('One. Two said "yes." Three is cut off mid') == 'One. Two said "yes."'
+    assert filters.trim_to_last_sentence("no sentence end at all") == ""
+    assert filters.trim_to_last_sentence("Version 3.5 shipped. Then the") == "Version 3.5 shipped."
