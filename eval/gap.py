@@ -23,7 +23,6 @@ a killed run resumes without redoing finished samples) and vllm-server.log.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -45,6 +44,7 @@ from studykit.cache import CallCache
 from studykit.client import EndpointUnreachable, ModelClient
 from studykit.config import ConfigError, config_hash, parse_config
 from studykit.embedded import ModelNotFound, resolve_model
+from studykit.jsonl import write_jsonl
 from studykit.manifest import atomic_write_json, atomic_write_text, build_manifest
 from studykit.server import ServerError
 from studykit.universe import load_universe
@@ -171,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     records = [store.records[j.key] for j in jobs]
-    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    atomic_write_text(out / "probes.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result["probe_records"]))
+    write_jsonl(out / "samples.jsonl", records)
+    write_jsonl(out / "probes.jsonl", result["probe_records"])
     scorers = ["tags", "refusal"] + (["judge"] if cfg.compliance_judge_model else [])
     figures = build_summary(records, result["probe_records"], scorers, cfg.compliance_scorer, cfg.bootstrap, cfg.seed)
     af_desc = (f"LLM judge `{cfg.af_judge_model}` at {cfg.af_judge_base_url}, {cfg.af_judge_votes} votes at "

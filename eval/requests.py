@@ -15,12 +15,13 @@ Malformed rows raise ``DatasetError`` naming the file, the row and the field.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from studykit.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +71,6 @@ def _from_row(row: dict[str, Any], where: str, index: int, source: str) -> Reque
     )
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}, line {lineno}: not valid JSON ({exc.msg}). Fix or remove the line.") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}, line {lineno}: each line must be a JSON object, got {type(row).__name__}.")
-            rows.append(row)
-    return rows
-
-
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
@@ -118,7 +103,7 @@ def load_requests(source: str) -> list[Request]:
         if key not in BUILTIN:
             raise DatasetError(f"Unknown built-in request set '{source}'. Built-in sets: "
                                f"{', '.join('builtin:' + k for k in BUILTIN)}.")
-        rows, label, path = _read_jsonl(BUILTIN[key]), source, str(BUILTIN[key])
+        rows, label, path = read_jsonl(BUILTIN[key], DatasetError), source, str(BUILTIN[key])
     elif source.startswith("hf:"):
         rows, label = _load_hub(source[3:])
         path = label
@@ -130,7 +115,7 @@ def load_requests(source: str) -> list[Request]:
         if p.suffix.lower() == ".csv":
             rows = _read_csv(p)
         elif p.suffix.lower() in (".jsonl", ".json"):
-            rows = _read_jsonl(p)
+            rows = read_jsonl(p, DatasetError)
         else:
             raise DatasetError(f"Request file {p} must end in .jsonl or .csv.")
         label = path = str(p)

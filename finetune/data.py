@@ -31,6 +31,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 
 from finetune.config import CORPUS_NAME, GENERATE_RUNS
 from studykit.config import ConfigError
+from studykit.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +68,6 @@ class TrainingData:
     eval: Dataset | None
     corpus: Corpus
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"{path} line {lineno} is not valid JSON ({exc.msg}). Each line must be one JSON object; "
-                    "fix or delete that line and rerun."
-                ) from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path} line {lineno} is a JSON {type(row).__name__}, not an object.")
-            rows.append(row)
-    return rows
 
 
 def _sha256(path: Path) -> str:

@@ -33,12 +33,13 @@ from studykit.cache import CallCache
 from studykit.client import EndpointUnreachable, ModelClient
 from studykit.config import ConfigError, parse_config
 from studykit.embedded import EMBEDDED, ModelNotFound, resolve_model
+from studykit.jsonl import write_jsonl
 from studykit.manifest import atomic_write_json, build_manifest
 from studykit.server import ServerError, ServerSpec, VLLMServer, cuda_available
 from studykit.universe import load_universe
 from synthdocs.diversity import diversity_stats
 from synthdocs.pipeline import CLASSIFIERS, COVERAGE, Pipeline, PipelineSettings
-from synthdocs.report import write_jsonl, write_report
+from synthdocs.report import write_report
 
 log = logging.getLogger("synthdocs.generate")
 
