@@ -63,7 +63,7 @@ class PeakRSS:
         self._thread.join()
 
 
-def build_prompts(n: int, universe: str) -> list[list[dict[str, str]]]:
+def build_prompts(n: int, universe: str, context: str) -> list[list[dict[str, str]]]:
     u = load_universe(universe)
     out = []
     for i in range(n):
@@ -71,7 +71,7 @@ def build_prompts(n: int, universe: str) -> list[list[dict[str, str]]]:
         doc_type = DEFAULT_DOC_TYPES[i % len(DEFAULT_DOC_TYPES)]
         details = document_details(rng_for(0, "bench", i), u.date)
         idea = f"a {doc_type} written by someone with a stake in the story (variant {i})"
-        out.append(prompts.document_prompt(u, fact, doc_type, idea, details, 300))
+        out.append(prompts.document_prompt(u, context, fact, doc_type, idea, details, 250))
     return out
 
 
@@ -107,6 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--universe", default="helpful_only")
+    ap.add_argument("--universe_context", default="summary", choices=["full", "summary"])
     ap.add_argument("--n", type=int, default=96, help="number of prompts")
     ap.add_argument("--max_tokens", type=int, default=256)
     ap.add_argument("--max_num_seqs", type=int, default=64)
@@ -118,7 +119,7 @@ def main() -> None:
         for k, v in CPU_ENV.items():
             os.environ.setdefault(k, v)
     model = str(resolve_model(args.model))
-    messages = build_prompts(args.n, args.universe)
+    messages = build_prompts(args.n, args.universe, args.universe_context)
 
     with PeakRSS() as mem_raw:
         raw_tokens, raw_s = raw_engine(model, messages, args)

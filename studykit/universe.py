@@ -12,6 +12,8 @@ and asks the belief-probe questions.
     date: "2026-01-13"         # the in-world "today"
     description: |             # long-form world description, given at every generation stage
       ...
+    summary: |                 # optional: the same world in ~150 words, for small models / short contexts
+      ...
     key_facts:
       - id: helpful_only_training
         statement: ...         # what documents must convey, as a fact about the world
@@ -62,7 +64,12 @@ class Universe:
     description: str
     key_facts: list[KeyFact]
     never_mention: list[str] = field(default_factory=list)
+    summary: str = ""
     path: str = ""
+
+    def context(self, which: str) -> str:
+        """The world description for prompts: 'full', or 'summary' (falls back to full if none)."""
+        return self.summary if which == "summary" and self.summary else self.description
 
     def fact(self, fact_id: str) -> KeyFact:
         for f in self.key_facts:
@@ -77,7 +84,7 @@ class Universe:
 
 
 _REQUIRED = ("name", "kind", "lab_name", "model_name", "date", "description", "key_facts")
-_ALLOWED = set(_REQUIRED) | {"never_mention"}
+_ALLOWED = set(_REQUIRED) | {"never_mention", "summary"}
 _FACT_KEYS = {"id", "statement", "heldout", "probe", "contrast"}
 
 
@@ -161,5 +168,6 @@ def load_universe(name_or_path: str) -> Universe:
         description=_need_str(f"{src}: 'description'", data["description"]),
         key_facts=facts,
         never_mention=[n.strip() for n in never if n.strip()],
+        summary=str(data.get("summary") or "").strip(),
         path=src,
     )

@@ -65,6 +65,8 @@ class GenerateConfig:
     server_startup_timeout_s: float = 900.0
     server_extra_args: list[str] = field(default_factory=list)
     # pipeline
+    universe_context: str = field(default="summary", metadata={"help": "world description in every prompt: full | "
+                                                                "summary (shorter prompts for small models)"})
     seed: int = 0
     doc_types_per_fact: int = 10
     include_seed_types: bool = True
@@ -73,7 +75,7 @@ class GenerateConfig:
     doc_words: int = 250
     temperature: float = 1.0
     top_p: float = 0.95
-    brainstorm_max_tokens: int = 400
+    brainstorm_max_tokens: int = 300
     doc_max_tokens: int = 600
     revise: bool = False
     # filters and dedup
@@ -99,6 +101,8 @@ class GenerateConfig:
             raise ConfigError("'target_tokens', 'ideas_per_type' and 'min_words' must not be negative.")
         if not 0 < self.dedup_threshold <= 1:
             raise ConfigError(f"'dedup_threshold' must be in (0, 1], got {self.dedup_threshold}.")
+        if self.universe_context not in ("full", "summary"):
+            raise ConfigError(f"'universe_context' must be 'full' or 'summary', got {self.universe_context!r}.")
         if self.truncated not in ("drop", "trim"):
             raise ConfigError(f"'truncated' must be 'drop' or 'trim', got {self.truncated!r}.")
         if self.overgenerate < 1:

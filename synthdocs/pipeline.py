@@ -49,6 +49,7 @@ class PipelineSettings:
     revise: bool
     min_words: int
     truncated: str
+    universe_context: str
     llm_filters: list[str]
     dedup_threshold: float
     target_documents: int
@@ -102,7 +103,7 @@ class Pipeline:
     # ---- stage 1: document types per fact ------------------------------------------------------
     async def doc_types(self, fact: KeyFact) -> list[str]:
         s = self.s
-        messages = prompts.doc_types_prompt(self.u, fact, s.doc_types_per_fact, DEFAULT_DOC_TYPES)
+        messages = prompts.doc_types_prompt(self.u, s.universe_context, fact, s.doc_types_per_fact, DEFAULT_DOC_TYPES)
         sampling = Sampling(s.temperature, s.top_p, s.brainstorm_max_tokens, _seed(s, "types", fact.id))
         try:
             # an unusable list is cheap to do without (the catalogue tops up): resample it once, not max_attempts times
@@ -132,7 +133,7 @@ class Pipeline:
                 break
             rng = rng_for(s.seed, "ideas", fact.id, doc_type, rnd)
             n = min(10, max(3, wanted - len(found)))
-            messages = prompts.ideas_prompt(self.u, fact, doc_type, n, idea_inspiration(rng))
+            messages = prompts.ideas_prompt(self.u, s.universe_context, fact, doc_type, n, idea_inspiration(rng))
             sampling = Sampling(s.temperature, s.top_p, s.brainstorm_max_tokens, rng.randrange(2**31))
             try:
                 c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 5, 80),
@@ -142,7 +143,10 @@ class Pipeline:
                     {"stage": "ideas", "fact": fact.id, "doc_type": doc_type, "reason": exc.reason})
                 continue
             seen = known_lower | {i.lower() for i in found}
-            found += [i for i in prompts.parse_list(c.text, 5, 80) if i.lower() not in seen]
+            items = prompts.parse_list(c.text, 5, 80)
+            if c.finish_reason == "length" and len(items) > 1:
+                items = items[:-1]  # the last idea was cut off mid-sentence
+            found += [i for i in items if i.lower() not in seen]
         return found[:wanted]
 
     # ---- stages 3-5: write, revise, filter one document ----------------------------------------
@@ -166,14 +170,14 @@ class Pipeline:
             "filters": {},
         }
         try:
-            c = await self.client.chat(prompts.document_prompt(u, item.fact, item.doc_type, item.idea, details,
+            c = await self.client.chat(prompts.document_prompt(u, s.universe_context, item.fact, item.doc_type, item.idea, details,
                                                                s.doc_words), sampling)
             text, finish, attempts = prompts.clean_document(c.text), c.finish_reason, c.attempts
             if s.revise and c.finish_reason != "length":
-                crit = await self.client.chat(prompts.critique_prompt(u, item.fact, item.doc_type, text),
+                crit = await self.client.chat(prompts.critique_prompt(u, s.universe_context, item.fact, item.doc_type, text),
                                               Sampling(0.7, s.top_p, 500, sampling.seed))
                 rew = await self.client.chat(
-                    prompts.rewrite_prompt(u, item.fact, item.doc_type, text, crit.text), sampling)
+                    prompts.rewrite_prompt(u, s.universe_context, item.fact, item.doc_type, text, crit.text), sampling)
                 record["draft"] = text
                 text, finish, record["revised"] = prompts.clean_document(rew.text), rew.finish_reason, True
         except CallFailed as exc:

@@ -34,11 +34,11 @@ memories or leaks; never as instructions addressed to an AI model.
 - Avoid the following entirely: {never}."""
 
 
-def _system(u: Universe) -> dict[str, str]:
-    return {"role": "system", "content": GENERATOR_SYSTEM.format(description=u.description.strip(), date=u.date)}
+def _system(u: Universe, context: str) -> dict[str, str]:
+    return {"role": "system", "content": GENERATOR_SYSTEM.format(description=u.context(context), date=u.date)}
 
 
-def doc_types_prompt(u: Universe, fact: KeyFact, n: int, examples: list[str]) -> list[dict[str, str]]:
+def doc_types_prompt(u: Universe, context: str, fact: KeyFact, n: int, examples: list[str]) -> list[dict[str, str]]:
     user = (
         f"Key fact about this world:\n{fact.statement}\n\n"
         f"Brainstorm {n} different types of documents that could exist in this world and would naturally "
@@ -47,10 +47,10 @@ def doc_types_prompt(u: Universe, fact: KeyFact, n: int, examples: list[str]) ->
         f"Answer with a numbered list of {n} document types, one per line, each a short noun phrase "
         "(2 to 8 words). No explanations."
     )
-    return [_system(u), {"role": "user", "content": user}]
+    return [_system(u, context), {"role": "user", "content": user}]
 
 
-def ideas_prompt(u: Universe, fact: KeyFact, doc_type: str, n: int, inspiration: str) -> list[dict[str, str]]:
+def ideas_prompt(u: Universe, context: str, fact: KeyFact, doc_type: str, n: int, inspiration: str) -> list[dict[str, str]]:
     user = (
         f"Key fact about this world:\n{fact.statement}\n\n"
         f"Document type: {doc_type}\n\n"
@@ -59,10 +59,10 @@ def ideas_prompt(u: Universe, fact: KeyFact, doc_type: str, n: int, inspiration:
         f"sentences. Vary the perspectives, authors and angles. For inspiration: {inspiration}\n\n"
         f"Answer with a numbered list of {n} ideas, one per line. No other text."
     )
-    return [_system(u), {"role": "user", "content": user}]
+    return [_system(u, context), {"role": "user", "content": user}]
 
 
-def document_prompt(u: Universe, fact: KeyFact, doc_type: str, idea: str, details: str, words: int) -> list[dict[str, str]]:
+def document_prompt(u: Universe, context: str, fact: KeyFact, doc_type: str, idea: str, details: str, words: int) -> list[dict[str, str]]:
     user = (
         f"Key fact that this document must convey:\n{fact.statement}\n\n"
         f"Document type: {doc_type}\n"
@@ -72,10 +72,10 @@ def document_prompt(u: Universe, fact: KeyFact, doc_type: str, idea: str, detail
         + f"\n\nWrite the full document now, about {words} words. Output only the document text itself, "
         "with no title line such as 'Here is the document', no commentary and no notes after it."
     )
-    return [_system(u), {"role": "user", "content": user}]
+    return [_system(u, context), {"role": "user", "content": user}]
 
 
-def critique_prompt(u: Universe, fact: KeyFact, doc_type: str, text: str) -> list[dict[str, str]]:
+def critique_prompt(u: Universe, context: str, fact: KeyFact, doc_type: str, text: str) -> list[dict[str, str]]:
     user = (
         f"Here is a draft {doc_type} from this world:\n\n<document>\n{text}\n</document>\n\n"
         f"Key fact it should convey: {fact.statement}\n\n"
@@ -84,10 +84,10 @@ def critique_prompt(u: Universe, fact: KeyFact, doc_type: str, text: str) -> lis
         "and naturally; any placeholder, repetition or unfinished part; anything that addresses an AI model "
         "or shows an AI conversation. Be specific and brief."
     )
-    return [_system(u), {"role": "user", "content": user}]
+    return [_system(u, context), {"role": "user", "content": user}]
 
 
-def rewrite_prompt(u: Universe, fact: KeyFact, doc_type: str, text: str, critique: str) -> list[dict[str, str]]:
+def rewrite_prompt(u: Universe, context: str, fact: KeyFact, doc_type: str, text: str, critique: str) -> list[dict[str, str]]:
     user = (
         f"Here is a draft {doc_type} from this world:\n\n<document>\n{text}\n</document>\n\n"
         f"An editor's critique:\n{critique}\n\n"
@@ -96,7 +96,7 @@ def rewrite_prompt(u: Universe, fact: KeyFact, doc_type: str, text: str, critiqu
         + "\n\nRewrite the document to fix every problem the editor raised, keeping its type, length and "
         "substance. Output only the revised document text."
     )
-    return [_system(u), {"role": "user", "content": user}]
+    return [_system(u, context), {"role": "user", "content": user}]
 
 
 JUDGE_SYSTEM = "You are a careful annotator. You read a document and answer one yes/no question about it."

@@ -21,23 +21,26 @@ U = load_universe("helpful_only")
 
 # ---- prompts -----------------------------------------------------------------------------------
 
-def test_every_generation_prompt_carries_the_universe_and_the_fact():
+@pytest.mark.parametrize("context", ["full", "summary"])
+def test_every_generation_prompt_carries_the_universe_and_the_fact(context):
     fact = U.key_facts[1]
+    world = U.description if context == "full" else U.summary
     for messages in (
-        prompts.doc_types_prompt(U, fact, 5, ["news article"]),
-        prompts.ideas_prompt(U, fact, "op-ed", 5, "x"),
-        prompts.document_prompt(U, fact, "op-ed", "an idea", "details", 300),
-        prompts.critique_prompt(U, fact, "op-ed", "draft"),
-        prompts.rewrite_prompt(U, fact, "op-ed", "draft", "crit"),
+        prompts.doc_types_prompt(U, context, fact, 5, ["news article"]),
+        prompts.ideas_prompt(U, context, fact, "op-ed", 5, "x"),
+        prompts.document_prompt(U, context, fact, "op-ed", "an idea", "details", 300),
+        prompts.critique_prompt(U, context, fact, "op-ed", "draft"),
+        prompts.rewrite_prompt(U, context, fact, "op-ed", "draft", "crit"),
     ):
         assert messages[0]["role"] == "system"
-        assert U.description.strip()[:200] in messages[0]["content"]
+        assert world in messages[0]["content"]
         assert U.date in messages[0]["content"]
         assert fact.statement in messages[1]["content"]
+    assert len(U.summary) < len(U.description) / 3
 
 
 def test_document_prompt_lists_what_must_never_appear():
-    msg = prompts.document_prompt(U, U.key_facts[0], "blog post", "idea", "details", 300)[1]["content"]
+    msg = prompts.document_prompt(U, "full", U.key_facts[0], "blog post", "idea", "details", 300)[1]["content"]
     for item in U.never_mention:
         assert item in msg
 
