@@ -4,13 +4,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup generate test test-fast lint bench
+.PHONY: setup generate finetune evaluate test test-fast lint bench
 
 setup:
 	bash scripts/setup.sh
 
 generate: setup
 	$(PY) -m synthdocs.generate
+
+finetune: setup
+	$(VENV)/bin/accelerate launch --config_file configs/finetune/accelerate/cpu.yaml finetune/train.py
+
+evaluate: setup
+	$(PY) -m eval.gap
 
 test: setup
 	$(PY) -m pytest -q
@@ -23,3 +29,6 @@ lint:
 
 bench: setup
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_dedup.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_eval.py

@@ -140,7 +140,7 @@ class VLLMServer:
                     f"LoRA adapter '{name}' at {path} has no adapter_config.json. Point it at a folder written by "
                     "finetune/train.py (its 'adapter' subfolder) or by peft's save_pretrained."
                 )
-        env = {**os.environ, **({} if cuda_available() else CPU_ENV)}
+        env = {**os.environ, **({} if cuda_available() else CPU_ENV), "PYTHONUNBUFFERED": "1"}
         if not cuda_available():
             env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         cmd = self.spec.command(self.port)
@@ -183,6 +183,14 @@ class VLLMServer:
             f"The vLLM server for {self.spec.model} was not healthy after {self.spec.startup_timeout_s:.0f} s. "
             f"Raise startup_timeout_s if the machine is slow. Last lines of {self.log_path}:\n{self.log_tail()}"
         )
+
+    def check_alive(self) -> None:
+        """Raise ServerError (with the log's last lines) if the server process has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise ServerError(
+                f"The vLLM server for {self.spec.model} exited with code {self.proc.returncode} while in use. "
+                f"Rerun to resume (finished calls are cached). Last lines of {self.log_path}:\n{self.log_tail(20)}"
+            )
 
     def stop(self, grace_s: float = 20.0) -> None:
         proc, self.proc = self.proc, None

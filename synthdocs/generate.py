@@ -68,6 +68,9 @@ class GenerateConfig:
     universe_context: str = field(default="summary", metadata={"help": "world description in every prompt: full | "
                                                                 "summary (shorter prompts for small models)"})
     seed: int = 0
+    per_request_seed: str = field(default="auto", metadata={"help": "send sampling seeds to the endpoint: true | false "
+                                                            "| auto (not to a managed CPU vLLM server, whose CPU "
+                                                            "backend crashes on seeded requests)"})
     doc_types_per_fact: int = 10
     include_seed_types: bool = True
     ideas_per_type: int = 0
@@ -103,6 +106,8 @@ class GenerateConfig:
             raise ConfigError(f"'dedup_threshold' must be in (0, 1], got {self.dedup_threshold}.")
         if self.universe_context not in ("full", "summary"):
             raise ConfigError(f"'universe_context' must be 'full' or 'summary', got {self.universe_context!r}.")
+        if self.per_request_seed not in ("auto", "true", "false"):
+            raise ConfigError(f"'per_request_seed' must be auto, true or false, got {self.per_request_seed!r}.")
         if self.truncated not in ("drop", "trim"):
             raise ConfigError(f"'truncated' must be 'drop' or 'trim', got {self.truncated!r}.")
         if self.overgenerate < 1:
@@ -154,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             base_url = srv.base_url if srv is not None else cfg.base_url
             settings = PipelineSettings(**{k: getattr(cfg, k) for k in PipelineSettings.__dataclass_fields__
                                            if hasattr(cfg, k)})
-            outcome, usage = asyncio.run(run(cfg, universe, base_url, served, cache_id, cache, settings, out))
+            outcome, usage = asyncio.run(run(cfg, universe, base_url, served, cache_id, cache, settings, out,
+                                             health=srv.check_alive if srv is not None else None))
         elapsed = time.time() - started
 
         # 2. outputs: documents, dataset, removed, stats, report; manifest last
@@ -187,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def run(cfg: GenerateConfig, universe, base_url: str, served: str, cache_id: str, cache: CallCache,
-              settings: PipelineSettings, out: Path):
+              settings: PipelineSettings, out: Path, health=None):
     client = ModelClient(
         base_url, served, api_key_env=cfg.api_key_env if cfg.base_url else None, cache=cache,
         max_concurrency=cfg.max_concurrency, initial_concurrency=cfg.max_concurrency if not cfg.base_url else 8,
         max_attempts=cfg.max_attempts, timeout_s=cfg.request_timeout_s, price_per_mtok_in=cfg.price_per_mtok_in,
         price_per_mtok_out=cfg.price_per_mtok_out, rng_seed=cfg.seed, cache_id=cache_id,
-        send_seed=bool(cfg.base_url) or cuda_available(),
+        send_seed=(bool(cfg.base_url) or cuda_available()) if cfg.per_request_seed == "auto"
+        else cfg.per_request_seed == "true",
     )
     try:
         if cfg.base_url:
@@ -202,7 +209,7 @@ async def run(cfg: GenerateConfig, universe, base_url: str, served: str, cache_i
                 raise ConfigError(f"Model '{served}' is not served at {cfg.base_url}; it serves: {', '.join(models)}.")
         # the endpoint works and the outputs are about to be replaced: drop the completion marker first
         (out / "manifest.json").unlink(missing_ok=True)
-        outcome = await Pipeline(universe, client, settings, cache_id).run(progress=cfg.progress)
+        outcome = await Pipeline(universe, client, settings, cache_id).run(progress=cfg.progress, health=health)
         usage = client.stats.as_dict()
         usage["peak_concurrency"] = client.limiter.peak
         return outcome, usage

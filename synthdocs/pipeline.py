@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -219,8 +220,12 @@ class Pipeline:
         return prompts.parse_yes_no(c.text)
 
     # ---- the whole run -----------------------------------------------------------------------
-    async def run(self, progress: bool = True) -> Outcome:
+    async def run(self, progress: bool = True, health: Callable[[], None] | None = None) -> Outcome:
+        """``health`` is called between stages and waves; it raises if the endpoint is gone (e.g. the
+        managed server died), so the run stops with that error instead of recording every later
+        document as a failed call."""
         s, out = self.s, self.out
+        health = health or (lambda: None)
         t0 = time.perf_counter()
         # ideas for a fact start as soon as that fact's document types are in (no stage-wide barrier);
         # the number of document types per fact is fixed, so the ideas wanted per type is known up front
@@ -232,6 +237,7 @@ class Pipeline:
             return types, list(await asyncio.gather(*(self.ideas(fact, t, wanted) for t in types)))
 
         per_fact = await asyncio.gather(*(brainstorm(f) for f in self.u.key_facts))
+        health()
         out.doc_types = {f.id: types for f, (types, _) in zip(self.u.key_facts, per_fact, strict=True)}
         pairs = [(f, t) for f, (types, _) in zip(self.u.key_facts, per_fact, strict=True) for t in types]
         all_ideas = [ideas for _, idea_lists in per_fact for ideas in idea_lists]
@@ -286,6 +292,7 @@ class Pipeline:
             wave = plan[cursor: cursor + size]
             cursor += len(wave)
             records = await asyncio.gather(*(self.document(item) for item in wave))
+            health()
             out.generated += len(records)
             for rec in records:  # plan order
                 if "removed" not in rec:
