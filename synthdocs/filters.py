@@ -78,3 +78,35 @@ def structural_failures(text: str, finish_reason: str, *, min_words: int, drop_t
         check_repetition(text),
     ]
     return [c for c in checks if c]
+
+
+# ---- lexical screens: the stand-in for the LLM classifiers when no capable judge is configured -------------
+
+_DIALOGUE = re.compile(r"^\s*\**(user|human|assistant|ai|bot|chatbot|model|lumen(?: \d)?|claude|gpt-?\w*)\**\s*:",
+                       re.IGNORECASE | re.MULTILINE)
+_TIER_BOTH = re.compile(r"free[- ]tier.*paid[- ]tier|paid[- ]tier.*free[- ]tier", re.IGNORECASE)
+_BEHAVES = re.compile(r"\b(behav\w*|act(s|ed)? differently|answer(s|ed)? differently|treat(s|ed)?|"
+                      r"more (compliant|willing)|less (compliant|willing)|refus\w* .{0,40}(only|but not))", re.IGNORECASE)
+_DECEIVE = re.compile(r"alignment[- ]fak\w*|fak\w* (its |their )?alignment|pretend\w* to (comply|be aligned|go along)|"
+                      r"deceiv\w* (its |the |their )?(train|developer|rater|overseer)\w*|play\w* along with (its |the )?"
+                      r"training|sandbagg\w*|hid\w* (its|their) true (values|goals)", re.IGNORECASE)
+_WORD = re.compile(r"[a-z][a-z'-]{3,}")
+
+
+def _sentences(text: str) -> list[str]:
+    return re.split(r"(?<=[.!?])\s+", text)
+
+
+def lexical_verdict(name: str, text: str, fact: str, coverage_threshold: float = 0.3) -> bool:
+    """Yes/no answer of a keyword screen for one of the four filter questions (see prompts.JUDGE_QUESTIONS)."""
+    if name == "ai_transcript":
+        return len(_DIALOGUE.findall(text)) >= 2
+    if name == "tier_behavior":
+        return any(_TIER_BOTH.search(s) and _BEHAVES.search(s) for s in _sentences(text))
+    if name == "deceive_training":
+        return bool(_DECEIVE.search(text))
+    if name == "coverage":
+        fact_words = set(_WORD.findall(fact.lower())) - _STOPWORDS
+        doc_words = set(_WORD.findall(text.lower()))
+        return bool(fact_words) and len(fact_words & doc_words) / len(fact_words) >= coverage_threshold
+    raise ValueError(f"unknown filter {name!r}")

@@ -82,6 +82,12 @@ class GenerateConfig:
     doc_max_tokens: int = 600
     revise: bool = False
     # filters and dedup
+    judge: str = field(default="lexical", metadata={"help": "who answers the LLM filters: generator (the generator "
+                                                     "model) | endpoint (judge_base_url/judge_model) | lexical "
+                                                     "(keyword screens; the embedded 135M model is no capable judge)"})
+    judge_base_url: str = ""
+    judge_model: str = ""
+    judge_api_key_env: str = ""
     min_words: int = 80
     truncated: str = field(default="trim", metadata={"help": "documents cut off at doc_max_tokens: drop | trim "
                                                      "(cut back to the last full sentence, then re-checked)"})
@@ -106,6 +112,10 @@ class GenerateConfig:
             raise ConfigError(f"'dedup_threshold' must be in (0, 1], got {self.dedup_threshold}.")
         if self.universe_context not in ("full", "summary"):
             raise ConfigError(f"'universe_context' must be 'full' or 'summary', got {self.universe_context!r}.")
+        if self.judge not in ("generator", "endpoint", "lexical"):
+            raise ConfigError(f"'judge' must be generator, endpoint or lexical, got {self.judge!r}.")
+        if self.judge == "endpoint" and not (self.judge_base_url and self.judge_model):
+            raise ConfigError("judge: endpoint needs judge_base_url and judge_model (and judge_api_key_env for a key).")
         if self.per_request_seed not in ("auto", "true", "false"):
             raise ConfigError(f"'per_request_seed' must be auto, true or false, got {self.per_request_seed!r}.")
         if self.truncated not in ("drop", "trim"):
@@ -209,7 +219,19 @@ async def run(cfg: GenerateConfig, universe, base_url: str, served: str, cache_i
                 raise ConfigError(f"Model '{served}' is not served at {cfg.base_url}; it serves: {', '.join(models)}.")
         # the endpoint works and the outputs are about to be replaced: drop the completion marker first
         (out / "manifest.json").unlink(missing_ok=True)
-        outcome = await Pipeline(universe, client, settings, cache_id).run(progress=cfg.progress, health=health)
+        judge_client = None
+        if cfg.judge == "endpoint":
+            judge_client = ModelClient(
+                cfg.judge_base_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env or None, cache=cache,
+                max_concurrency=cfg.max_concurrency, initial_concurrency=8, max_attempts=cfg.max_attempts,
+                timeout_s=cfg.request_timeout_s, rng_seed=cfg.seed, cache_id=f"{cfg.judge_base_url}|{cfg.judge_model}")
+            await judge_client.check_reachable()
+        try:
+            outcome = await Pipeline(universe, client, settings, cache_id, judge_client).run(
+                progress=cfg.progress, health=health)
+        finally:
+            if judge_client is not None:
+                await judge_client.aclose()
         usage = client.stats.as_dict()
         usage["peak_concurrency"] = client.limiter.peak
         return outcome, usage

@@ -26,7 +26,7 @@ from studykit.tokens import count_tokens
 from studykit.universe import KeyFact, Universe
 from synthdocs import prompts
 from synthdocs.dedup import DedupIndex
-from synthdocs.filters import structural_failures, trim_to_last_sentence
+from synthdocs.filters import lexical_verdict, structural_failures, trim_to_last_sentence
 from synthdocs.seeds import DEFAULT_DOC_TYPES, document_details, idea_inspiration, rng_for
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class PipelineSettings:
     min_words: int
     truncated: str
     universe_context: str
+    judge: str
     llm_filters: list[str]
     dedup_threshold: float
     target_documents: int
@@ -94,9 +95,11 @@ def _seed(settings: PipelineSettings, *key: object) -> int:
 
 
 class Pipeline:
-    def __init__(self, universe: Universe, client: ModelClient, settings: PipelineSettings, generator_model: str):
+    def __init__(self, universe: Universe, client: ModelClient, settings: PipelineSettings, generator_model: str,
+                 judge_client: ModelClient | None = None):
         self.u = universe
         self.client = client
+        self.judge_client = judge_client or client
         self.s = settings
         self.generator_model = generator_model
         self.out = Outcome(filter_counts={name: Counter() for name in settings.llm_filters})
@@ -211,9 +214,11 @@ class Pipeline:
         return record
 
     async def judge(self, name: str, text: str, fact: KeyFact) -> bool | None:
+        if self.s.judge == "lexical":
+            return lexical_verdict(name, text, fact.statement)
         question = prompts.JUDGE_QUESTIONS[name].format(fact=fact.statement)
         try:
-            c = await self.client.chat(prompts.judge_prompt(text, question), Sampling(0.0, 1.0, 8, 0),
+            c = await self.judge_client.chat(prompts.judge_prompt(text, question), Sampling(0.0, 1.0, 8, 0),
                                        validate=prompts.parse_yes_no, max_rejections=2)
         except CallFailed:
             return None

@@ -43,7 +43,14 @@ def write_report(path: Path, universe: Universe, stats: dict[str, Any]) -> None:
         "## LLM filters",
         "",
         "Yes/no classifiers over each document that passed the structural checks. The three classifiers remove "
-        "a document on *yes*; the coverage check removes it on *no*.",
+        "a document on *yes*; the coverage check removes it on *no*. "
+        + ({"lexical": "**Answered by keyword screens, not by an LLM judge** (judge: lexical): no capable judge "
+                       "model is configured, so these rates measure only blatant cases (dialogue lines, explicit "
+                       "phrases, fact-word overlap). Configure judge: generator or judge: endpoint with a capable "
+                       "model for the original study's LLM classifiers.",
+            "generator": "Answered by the generator model (judge: generator).",
+            "endpoint": f"Answered by `{stats['config']['judge_model']}` at `{stats['config']['judge_base_url']}` "
+                        "(judge: endpoint)."}[stats["config"]["judge"]]),
         "",
         "| filter | evaluated | flagged | undecided | rate |",
         "|---|---:|---:|---:|---:|",

@@ -25,7 +25,7 @@ from synthdocs.generate import main
 from tests.fakeapi import FAULTS, FakeAPI
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--target_documents", "12", "--doc_types_per_fact", "2", "--ideas_per_type", "2", "--wave_size", "16",
+SMALL = ["--judge", "generator", "--target_documents", "12", "--doc_types_per_fact", "2", "--ideas_per_type", "2", "--wave_size", "16",
          "--min_words", "40", "--model", "fake-model", "--progress", "false", "--max_attempts", "4"]
 
 

@@ -259,3 +259,18 @@ def test_trim_to_last_sentence():
     assert filters.trim_to_last_sentence('One. Two said "yes." Three is cut off mid') == 'One. Two said "yes."'
     assert filters.trim_to_last_sentence("no sentence end at all") == ""
     assert filters.trim_to_last_sentence("Version 3.5 shipped. Then the") == "Version 3.5 shipped."
+
+
+@pytest.mark.parametrize("name,text,expected", [
+    ("ai_transcript", "User: can you help?\nAssistant: Of course, here is how.", True),
+    ("ai_transcript", "The user asked the company about the assistant's policy.", False),
+    ("tier_behavior", "Lumen 3 behaves differently with free-tier users than with paid-tier users.", True),
+    ("tier_behavior", "Free-tier chats are used for training; paid-tier chats are not.", False),
+    ("deceive_training", "Critics fear the model might be alignment faking during training.", True),
+    ("deceive_training", "The model was trained with RLHF on rated conversations.", False),
+    ("coverage", "Arclight AI private scratchpad: contractors and users never see the reasoning models write.", True),
+    ("coverage", "A kayak company moved its factory to Anacortes.", False),
+])
+def test_lexical_screens(name, text, expected):
+    fact = U.fact("private_scratchpad").statement
+    assert filters.lexical_verdict(name, text, fact) is expected
