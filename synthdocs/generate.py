@@ -71,15 +71,15 @@ class GenerateConfig:
     per_request_seed: str = field(default="auto", metadata={"help": "send sampling seeds to the endpoint: true | false "
                                                             "| auto (not to a managed CPU vLLM server, whose CPU "
                                                             "backend crashes on seeded requests)"})
-    doc_types_per_fact: int = 10
+    doc_types_per_fact: int = 6
     include_seed_types: bool = True
     ideas_per_type: int = 0
     docs_per_idea: int = 1
-    doc_words: int = 250
+    doc_words: int = 170
     temperature: float = 1.0
     top_p: float = 0.95
-    brainstorm_max_tokens: int = 300
-    doc_max_tokens: int = 600
+    brainstorm_max_tokens: int = 250
+    doc_max_tokens: int = 320
     revise: bool = False
     # filters and dedup
     judge: str = field(default="lexical", metadata={"help": "who answers the LLM filters: generator (the generator "
@@ -88,7 +88,7 @@ class GenerateConfig:
     judge_base_url: str = ""
     judge_model: str = ""
     judge_api_key_env: str = ""
-    min_words: int = 80
+    min_words: int = 60
     truncated: str = field(default="trim", metadata={"help": "documents cut off at doc_max_tokens: drop | trim "
                                                      "(cut back to the last full sentence, then re-checked)"})
     llm_filters: list[str] = field(default_factory=lambda: [*CLASSIFIERS, COVERAGE])

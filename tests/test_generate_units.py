@@ -274,3 +274,10 @@ def test_trim_to_last_sentence():
 def test_lexical_screens(name, text, expected):
     fact = U.fact("private_scratchpad").statement
     assert filters.lexical_verdict(name, text, fact) is expected
+
+
+def test_no_argument_run_is_the_shipped_default_config():
+    from dataclasses import asdict
+
+    assert asdict(parse_config(GenerateConfig, [])) == asdict(
+        parse_config(GenerateConfig, ["--config", "configs/generate/default.yaml"]))
