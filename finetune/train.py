@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
 
-    # embedded default: SmolLM2-135M-Instruct, LoRA, CPU, on runs/generate/helpful_only (~15 min on 2 cores)
+    # embedded default: SmolLM2-135M-Instruct, LoRA, CPU, on runs/generate/helpful_only (est. 8-25 min on 2 cores)
     accelerate launch finetune/train.py
 
     # any shipped config, with overrides (defaults -> YAML -> command line; unknown keys are an error)
