@@ -92,6 +92,8 @@ class GenerateConfig:
     truncated: str = field(default="trim", metadata={"help": "documents cut off at doc_max_tokens: drop | trim "
                                                      "(cut back to the last full sentence, then re-checked)"})
     llm_filters: list[str] = field(default_factory=lambda: [*CLASSIFIERS, COVERAGE])
+    coverage_threshold: float = field(default=0.15, metadata={"help": "judge: lexical -- share of the fact's content "
+                                                                "words a document must contain"})
     dedup_threshold: float = 0.8
     max_entity_share: float = 0.2
     # budget
@@ -99,6 +101,8 @@ class GenerateConfig:
     target_tokens: int = 0
     wave_size: int = 128
     overgenerate: float = 1.5
+    max_plan_extensions: int = field(default=3, metadata={"help": "times the plan may grow with fresh ideas when "
+                                                          "filters leave the target unmet"})
     progress: bool = True
 
     def validate(self) -> None:

@@ -52,6 +52,7 @@ class PipelineSettings:
     truncated: str
     universe_context: str
     judge: str
+    coverage_threshold: float
     llm_filters: list[str]
     dedup_threshold: float
     target_documents: int
@@ -215,7 +216,7 @@ class Pipeline:
 
     async def judge(self, name: str, text: str, fact: KeyFact) -> bool | None:
         if self.s.judge == "lexical":
-            return lexical_verdict(name, text, fact.statement)
+            return lexical_verdict(name, text, fact.statement, self.s.coverage_threshold)
         question = prompts.JUDGE_QUESTIONS[name].format(fact=fact.statement)
         try:
             c = await self.judge_client.chat(prompts.judge_prompt(text, question), Sampling(0.0, 1.0, 8, 0),
