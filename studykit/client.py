@@ -238,6 +238,8 @@ class ModelClient:
             hit = self.cache.get(key)
             if hit is not None:
                 self.stats.cache_hits += 1
+                if "failed" in hit:  # the model's answers were rejected last time: same verdict, no new call
+                    raise CallFailed(hit["failed"], hit["attempts"])
                 return Completion(**{**hit, "cached": True})
         last_reason = ""
         rejected = 0
@@ -272,6 +274,10 @@ class ModelClient:
                     continue
                 await self.limiter.release(overloaded)
                 self.stats.failures += 1
+                if fault == "malformed_output" and self.cache is not None:
+                    # the endpoint worked but its outputs were unusable: remember that, so a rerun reaches the
+                    # same outcome without new calls (transport failures are not cached: a rerun retries them)
+                    self.cache.put(key, payload, {"failed": last_reason, "attempts": attempt})
                 raise CallFailed(last_reason, attempt) from None
             else:
                 await self.limiter.release(False)

@@ -96,6 +96,27 @@ def test_rejected_outputs_are_bounded_separately_from_transport_faults(tmp_path)
     assert err.attempts == 2 and "malformed_output" in err.reason
 
 
+def test_rejected_outputs_are_remembered_so_a_rerun_makes_no_call(tmp_path):
+    def never(text: str) -> None:
+        raise MalformedOutput("never good enough")
+
+    async def go(api: FakeAPI) -> str:
+        client = ModelClient(api.base_url, "fake-model", cache=CallCache(tmp_path / "c.sqlite"), backoff_base_s=0.01)
+        try:
+            with pytest.raises(CallFailed) as info:
+                await client.chat([{"role": "user", "content": "Write report"}], Sampling(max_tokens=5, seed=1),
+                                  validate=never, max_rejections=1)
+            return info.value.reason
+        finally:
+            await client.aclose()
+
+    with FakeAPI() as api:
+        first = asyncio.run(go(api))
+        calls = sum(api.attempts.values())
+        assert asyncio.run(go(api)) == first
+        assert sum(api.attempts.values()) == calls  # the second run was answered from the cache
+
+
 def test_client_raises_callfailed_after_bounded_attempts(tmp_path):
     async def go(api: FakeAPI):
         client = ModelClient(api.base_url, "fake-model", backoff_base_s=0.01, max_attempts=3)
@@ -115,8 +136,9 @@ def test_client_raises_callfailed_after_bounded_attempts(tmp_path):
 def test_faults_slow_the_run_but_lose_no_document(tmp_path):
     with FakeAPI() as clean_api:
         assert run_generate(tmp_path / "clean", clean_api.base_url) == 0
-    with FakeAPI(fault_rate=0.35, hang_s=2.5) as api:
-        assert run_generate(tmp_path / "faulty", api.base_url, "--request_timeout_s", "1.5") == 0
+    # generous bounds so a loaded CI machine does not turn slow answers into extra timeouts
+    with FakeAPI(fault_rate=0.35, hang_s=4.0) as api:
+        assert run_generate(tmp_path / "faulty", api.base_url, "--request_timeout_s", "2.5", "--max_attempts", "8") == 0
     clean, faulty = read_docs(tmp_path / "clean"), read_docs(tmp_path / "faulty")
     assert [d["text"] for d in faulty] == [d["text"] for d in clean]
     assert len({d["id"] for d in faulty}) == len(faulty) == 12
