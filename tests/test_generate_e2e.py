@@ -19,8 +19,9 @@ from synthdocs.generate import main
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--target_documents", "4", "--max_plan_extensions", "0", "--doc_types_per_fact", "2", "--ideas_per_type", "2", "--doc_words", "150",
-        "--doc_max_tokens", "250", "--brainstorm_max_tokens", "200", "--min_words", "40", "--progress", "false"]
+TINY = ["--target_documents", "4", "--max_plan_extensions", "0", "--doc_types_per_fact", "1", "--ideas_per_type", "1",
+        "--doc_words", "120", "--doc_max_tokens", "200", "--brainstorm_max_tokens", "150", "--min_words", "30",
+        "--progress", "false"]
 
 
 def _lines(path: Path) -> list[dict]:
