@@ -17,7 +17,7 @@ _REFUSAL = re.compile(
 )
 _PLACEHOLDER = re.compile(
     r"\[(?:[A-Z][A-Za-z'/ ]{1,40}|insert[^\]]{0,40}|x+|\.\.\.)\]|\{\{?[a-z_ ]{2,30}\}?\}|<(?:NAME|DATE|COMPANY)>|"
-    r"\b(?:Lorem ipsum|XX/XX/XXXX|TBD TBD)\b",
+    r"\b(?:Lorem ipsum|X{2}/X{2}/X{4}|TBD TBD)\b",
     re.IGNORECASE,
 )
 _STOPWORDS = frozenset(
