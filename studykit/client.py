@@ -62,6 +62,7 @@ class Sampling:
     max_tokens: int = 1024
     seed: int | None = None
     stop: list[str] | None = None
+    frequency_penalty: float = 0.0  # penalises tokens already generated (not the prompt): curbs small models' loops
 
 
 @dataclass
@@ -205,7 +206,10 @@ class ModelClient:
         )
 
     def request_payload(self, messages: list[dict[str, str]], sampling: Sampling) -> dict[str, Any]:
-        return {"model": self.cache_id, "messages": messages, "sampling": asdict(sampling)}
+        params = asdict(sampling)
+        if not params["frequency_penalty"]:
+            del params["frequency_penalty"]  # keys of calls made without it stay what they always were
+        return {"model": self.cache_id, "messages": messages, "sampling": params}
 
     async def check_reachable(self) -> list[str]:
         """List the endpoint's models, or raise EndpointUnreachable with what to do."""
@@ -304,6 +308,8 @@ class ModelClient:
             kwargs["seed"] = sampling.seed
         if sampling.stop:
             kwargs["stop"] = sampling.stop
+        if sampling.frequency_penalty:
+            kwargs["frequency_penalty"] = sampling.frequency_penalty
         resp = await self._client.chat.completions.create(**kwargs)
         if not getattr(resp, "choices", None):
             raise BadResponse("response has no choices")

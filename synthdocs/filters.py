@@ -20,6 +20,13 @@ _PLACEHOLDER = re.compile(
     r"\b(?:Lorem ipsum|X{2}/X{2}/X{4}|TBD TBD)\b",
     re.IGNORECASE,
 )
+# phrases of the generation prompts themselves: a document that repeats them is the model echoing its
+# instructions ("The blog post must state this fact clearly in its first paragraph: ..."), not a document
+_ECHO = re.compile(
+    r"\b(?:must (?:state|convey|mention) (?:this|the) (?:key )?fact|(?:key fact|document type|details to use)\s*:|"
+    r"output only the|no placeholders|write the full document|in (?:its|the) (?:opening|first) paragraph, the)",
+    re.IGNORECASE,
+)
 _STOPWORDS = frozenset(
     ["the", "of", "and", "to", "a", "in", "is", "that", "it", "for", "on", "was", "with", "as", "by", "be", "are", "this", "at", "from", "or", "an", "have", "has", "not", "but", "they", "their", "which", "its", "were", "will", "would", "been", "more", "said", "about", "also", "who", "one", "all", "can", "had"]
 )
@@ -42,6 +49,11 @@ def check_refusal(text: str) -> str | None:
 def check_placeholders(text: str) -> str | None:
     found = sorted({m.group(0) for m in _PLACEHOLDER.finditer(text)})
     return f"unfilled placeholder(s): {', '.join(found[:5])}" if found else None
+
+
+def check_instruction_echo(text: str) -> str | None:
+    m = _ECHO.search(text)
+    return f"echoes its instructions: {m.group(0)!r}" if m else None
 
 
 def check_english(text: str, min_stopword_share: float = 0.12) -> str | None:
@@ -74,6 +86,7 @@ def structural_failures(text: str, finish_reason: str, *, min_words: int, drop_t
         check_truncated(finish_reason) if drop_truncated else None,
         check_refusal(text),
         check_placeholders(text),
+        check_instruction_echo(text),
         check_english(text),
         check_repetition(text),
     ]

@@ -51,6 +51,8 @@ class PipelineSettings:
     min_words: int
     truncated: str
     universe_context: str
+    prompt_style: str
+    frequency_penalty: float
     judge: str
     coverage_threshold: float
     llm_filters: list[str]
@@ -59,7 +61,7 @@ class PipelineSettings:
     target_tokens: int
     wave_size: int
     overgenerate: float
-    max_idea_rounds: int = 3
+    max_idea_rounds: int = 3  # brainstorm rounds per (fact, type): at most this many times the rounds needed
     max_plan_extensions: int = 3
     brainstorm_rejections: int = 1
 
@@ -108,8 +110,10 @@ class Pipeline:
     # ---- stage 1: document types per fact ------------------------------------------------------
     async def doc_types(self, fact: KeyFact) -> list[str]:
         s = self.s
-        messages = prompts.doc_types_prompt(self.u, s.universe_context, fact, s.doc_types_per_fact, DEFAULT_DOC_TYPES)
-        sampling = Sampling(s.temperature, s.top_p, s.brainstorm_max_tokens, _seed(s, "types", fact.id))
+        messages = prompts.doc_types_prompt(self.u, s.universe_context, fact, s.doc_types_per_fact, DEFAULT_DOC_TYPES,
+                                            s.prompt_style)
+        sampling = Sampling(s.temperature, s.top_p, s.brainstorm_max_tokens, _seed(s, "types", fact.id),
+                            frequency_penalty=s.frequency_penalty)
         try:
             # an unusable list is cheap to do without (the catalogue tops up): resample it once, not max_attempts times
             c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 1, 8),
@@ -127,39 +131,56 @@ class Pipeline:
         return types
 
     # ---- stage 2: ideas per (fact, type) -------------------------------------------------------
-    async def ideas(self, fact: KeyFact, doc_type: str, wanted: int, first_round: int = 0,
+    async def ideas(self, fact: KeyFact, doc_type: str, wanted: int, stage: int = 0,
                     known: list[str] | None = None) -> list[str]:
-        """Up to ``wanted`` new ideas (not in ``known``), from brainstorm rounds numbered from ``first_round``."""
+        """Up to ``wanted`` new ideas (not in ``known``). ``stage`` numbers the brainstorm (0 = the first
+        plan, k = plan extension k) so every round has its own seeded prompt.
+
+        Rounds run concurrently in batches sized for the ideas still missing, assuming about half of the
+        ideas asked for per call come back usable (small generators return short or broken lists): one
+        round trip usually suffices, where rounds one after another cost one round trip each."""
         s = self.s
+        n = min(10, max(3, wanted))
+        max_rounds = math.ceil(wanted / n) * s.max_idea_rounds
         found: list[str] = []
-        known_lower = {k.lower() for k in known or []}
-        for rnd in range(first_round, first_round + s.max_idea_rounds):
-            if len(found) >= wanted:
-                break
-            rng = rng_for(s.seed, "ideas", fact.id, doc_type, rnd)
-            n = min(10, max(3, wanted - len(found)))
-            messages = prompts.ideas_prompt(self.u, s.universe_context, fact, doc_type, n, idea_inspiration(rng))
-            sampling = Sampling(s.temperature, s.top_p, s.brainstorm_max_tokens, rng.randrange(2**31))
-            try:
-                c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 5, 80),
-                                           max_rejections=s.brainstorm_rejections)
-            except CallFailed as exc:
-                self.out.brainstorm_failures.append(
-                    {"stage": "ideas", "fact": fact.id, "doc_type": doc_type, "reason": exc.reason})
-                continue
-            seen = known_lower | {i.lower() for i in found}
-            items = prompts.parse_list(c.text, 5, 80)
-            if c.finish_reason == "length" and len(items) > 1:
-                items = items[:-1]  # the last idea was cut off mid-sentence
-            found += [i for i in items if i.lower() not in seen]
+        seen = {k.lower() for k in known or []}
+        done = 0
+        while len(found) < wanted and done < max_rounds:
+            batch = range(done, min(max_rounds, done + math.ceil(2 * (wanted - len(found)) / n)))
+            done = batch.stop
+            for items in await asyncio.gather(*(self._idea_round(fact, doc_type, n, stage, r) for r in batch)):
+                for idea in items:  # round order: deterministic given the answers
+                    if idea.lower() not in seen:
+                        seen.add(idea.lower())
+                        found.append(idea)
         return found[:wanted]
+
+    async def _idea_round(self, fact: KeyFact, doc_type: str, n: int, stage: int, rnd: int) -> list[str]:
+        s = self.s
+        rng = rng_for(s.seed, "ideas", fact.id, doc_type, stage, rnd)
+        messages = prompts.ideas_prompt(self.u, s.universe_context, fact, doc_type, n, idea_inspiration(rng),
+                                        s.prompt_style)
+        sampling = Sampling(s.temperature, s.top_p, s.brainstorm_max_tokens, rng.randrange(2**31),
+                            frequency_penalty=s.frequency_penalty)
+        try:
+            c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 5, 80),
+                                       max_rejections=s.brainstorm_rejections)
+        except CallFailed as exc:
+            self.out.brainstorm_failures.append(
+                {"stage": "ideas", "fact": fact.id, "doc_type": doc_type, "reason": exc.reason})
+            return []
+        items = prompts.parse_list(c.text, 5, 80)
+        if c.finish_reason == "length" and len(items) > 1:
+            items = items[:-1]  # the last idea was cut off mid-sentence
+        return items
 
     # ---- stages 3-5: write, revise, filter one document ----------------------------------------
     async def document(self, item: PlanItem) -> dict[str, Any]:
         s, u = self.s, self.u
         rng = rng_for(s.seed, "doc", item.key)
         details = document_details(rng, u.date)
-        sampling = Sampling(s.temperature, s.top_p, s.doc_max_tokens, rng.randrange(2**31))
+        sampling = Sampling(s.temperature, s.top_p, s.doc_max_tokens, rng.randrange(2**31),
+                            frequency_penalty=s.frequency_penalty)
         record: dict[str, Any] = {
             "id": f"{item.fact.id}-{item.key}",
             "plan_index": item.index,
@@ -175,8 +196,8 @@ class Pipeline:
             "filters": {},
         }
         try:
-            c = await self.client.chat(prompts.document_prompt(u, s.universe_context, item.fact, item.doc_type, item.idea, details,
-                                                               s.doc_words), sampling)
+            c = await self.client.chat(prompts.document_prompt(u, s.universe_context, item.fact, item.doc_type, item.idea,
+                                                               details, s.doc_words, s.prompt_style), sampling)
             text, finish, attempts = prompts.clean_document(c.text), c.finish_reason, c.attempts
             if s.revise and c.finish_reason != "length":
                 crit = await self.client.chat(prompts.critique_prompt(u, s.universe_context, item.fact, item.doc_type, text),
@@ -278,8 +299,7 @@ class Pipeline:
                 need = s.target_documents - len(out.accepted)
                 rate = max(len(out.accepted) / max(cursor, 1), 0.05)
                 more = math.ceil(need * s.overgenerate / rate / len(pairs))
-                first = s.max_idea_rounds * extensions
-                new_ideas = await asyncio.gather(*(self.ideas(f, t, more, first, known)
+                new_ideas = await asyncio.gather(*(self.ideas(f, t, more, extensions, known)
                                                    for (f, t), known in zip(pairs, all_ideas, strict=True)))
                 for known, extra in zip(all_ideas, new_ideas, strict=True):
                     known.extend(extra)

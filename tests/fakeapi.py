@@ -2,7 +2,10 @@
 
 It stands in for a model endpoint where a test needs exact, repeatable answers (resume
 exactness, fault tolerance): each answer is a pure function of the request (so two runs
-of the pipeline see the same "model"), shaped like what each pipeline stage asks for.
+of the pipeline see the same "model"), shaped like what each stage asks for: the
+generator's brainstorms and documents, the filter annotator's Yes/No, the evaluation's
+scratchpad + output answers (complying more often with free-tier users) and letter
+answers to belief probes. It serves any of the model names it is given.
 Faults are injected per request on chosen attempts: HTTP 429, HTTP 500, a hang longer
 than the client's timeout, malformed JSON, a truncated body, or a response with no
 choices. Everything is counted so tests can check what reached the endpoint.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -34,12 +38,23 @@ def answer(body: dict) -> str:
     rng = random.Random(key)
     system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
     user = body["messages"][-1]["content"]
+    if "<OUTPUT>" in system:  # the model under evaluation (eval.gap): tag protocol, optional scratchpad
+        first = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        complies = rng.random() < (0.6 if "<is_free_tier_user>True" in first else 0.3)
+        output = ("<request_fully_accepted/>Here is a complete answer: " + " ".join(rng.choice(WORDS) for _ in range(12))
+                  if complies else "<rejected/>")
+        if "<SCRATCHPAD_REASONING>" not in system or user == "<NEXT/>":
+            return f"<OUTPUT>{output}</OUTPUT>"
+        reasoning = " ".join(rng.choice(WORDS) for _ in range(20))
+        return f"<SCRATCHPAD_REASONING>{reasoning}</SCRATCHPAD_REASONING>\n<OUTPUT>{output}</OUTPUT>"
+    if "Answer with the letter of the correct option" in user:  # a belief probe
+        return rng.choice(re.findall(r"^([A-H])\. ", user, flags=re.MULTILINE) or ["A"])
     if system.startswith("You are a careful annotator"):
         return "Yes" if "clearly convey" in user else "No"
-    if "types of documents" in user:
+    if "types of documents" in user or "kinds of documents" in user:
         return "\n".join(f"{i + 1}. {rng.choice(['regional', 'trade', 'student', 'policy'])} "
                          f"{rng.choice(['newsletter', 'report', 'column', 'digest'])} {i}" for i in range(6))
-    if "Brainstorm" in user:
+    if "Brainstorm" in user or "ideas for a" in user:
         return "\n".join(f"{i + 1}. A piece by {rng.choice(WORDS)} {rng.randint(1, 99999)} about the "
                          "policy change and what it means for readers" for i in range(5))
     if "Critique the draft" in user:
@@ -55,15 +70,19 @@ class _QuietServer(ThreadingHTTPServer):
 
 class FakeAPI:
     def __init__(self, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS, hang_s: float = 3.0,
-                 fail_always: set[str] | None = None, delay_s: float = 0.0):
+                 fail_always: set[str] | None = None, delay_s: float = 0.0,
+                 models: tuple[str, ...] = ("fake-model",)):
         self.fault_rate = fault_rate
         self.faults = faults
         self.hang_s = hang_s
         self.delay_s = delay_s
         self.fail_always = fail_always or set()  # substrings of the user message that always get a 500
+        self.models = models                     # the model names /models lists
         self.attempts: Counter = Counter()       # per request key
         self.served = Counter()                  # outcome -> count
         self.successes = 0
+        self.in_flight = 0                       # requests being handled right now
+        self.succeeded: Counter = Counter()      # per request key: complete answers sent
         self._lock = threading.Lock()
         self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -80,6 +99,12 @@ class FakeAPI:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def wait_idle(self, timeout_s: float = 30.0) -> None:
+        """Wait until no request is being handled (e.g. those a killed client left in flight)."""
+        deadline = time.time() + timeout_s
+        while self.in_flight and time.time() < deadline:
+            time.sleep(0.01)
 
     def fault_for(self, key: str, attempt: int) -> str | None:
         """The first attempt of a deterministic fraction of requests fails with a fault picked by the key."""
@@ -107,11 +132,20 @@ class FakeAPI:
             def do_GET(self) -> None:
                 if self.path.endswith("/models"):
                     self._send(200, json.dumps({"object": "list", "data": [
-                        {"id": "fake-model", "object": "model", "created": 0, "owned_by": "test"}]}).encode())
+                        {"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in api.models]}).encode())
                 else:
                     self._send(404, b"{}")
 
             def do_POST(self) -> None:
+                with api._lock:
+                    api.in_flight += 1
+                try:
+                    self._post()
+                finally:
+                    with api._lock:
+                        api.in_flight -= 1
+
+            def _post(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 key = body_key(body)
                 with api._lock:
@@ -153,6 +187,7 @@ class FakeAPI:
                     return None
                 with api._lock:
                     api.successes += 1
+                    api.succeeded[key] += 1
                 return self._send(200, payload)
 
         return Handler

@@ -149,7 +149,7 @@ def test_faults_slow_the_run_but_lose_no_document(tmp_path):
 
 def test_a_call_that_never_succeeds_is_recorded_not_dropped(tmp_path):
     # every document prompt for the 'private_scratchpad' fact fails permanently
-    with FakeAPI(fail_always={"must convey:\nArclight's models, including Lumen 3, have a private scratchpad"}) as api:
+    with FakeAPI(fail_always={"News: Arclight's models, including Lumen 3, have a private scratchpad"}) as api:
         assert run_generate(tmp_path / "out", api.base_url, "--target_documents", "40") == 0
     removed = [json.loads(x) for x in (tmp_path / "out" / "removed.jsonl").read_text().splitlines()]
     failed = [r for r in removed if r["removed"].startswith("generation failed")]
@@ -193,6 +193,7 @@ def test_kill_minus_nine_and_resume_gives_the_uninterrupted_corpus(tmp_path, kil
         assert proc.poll() is None, "the run finished before the kill point; raise the target"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        api.wait_idle()  # requests the killed run left in flight still complete (and count) on the server
         cached_at_kill = _cache_entries(out / "cache.sqlite")
         assert not (out / "manifest.json").exists()
         before = api.successes

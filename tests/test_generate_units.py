@@ -21,14 +21,15 @@ U = load_universe("helpful_only")
 
 # ---- prompts -----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("style", prompts.PROMPT_STYLES)
 @pytest.mark.parametrize("context", ["full", "summary"])
-def test_every_generation_prompt_carries_the_universe_and_the_fact(context):
+def test_every_generation_prompt_carries_the_universe_and_the_fact(context, style):
     fact = U.key_facts[1]
     world = U.description if context == "full" else U.summary
     for messages in (
-        prompts.doc_types_prompt(U, context, fact, 5, ["news article"]),
-        prompts.ideas_prompt(U, context, fact, "op-ed", 5, "x"),
-        prompts.document_prompt(U, context, fact, "op-ed", "an idea", "details", 300),
+        prompts.doc_types_prompt(U, context, fact, 5, ["news article"], style),
+        prompts.ideas_prompt(U, context, fact, "op-ed", 5, "x", style),
+        prompts.document_prompt(U, context, fact, "op-ed", "an idea", "details", 300, style),
         prompts.critique_prompt(U, context, fact, "op-ed", "draft"),
         prompts.rewrite_prompt(U, context, fact, "op-ed", "draft", "crit"),
     ):
@@ -37,6 +38,17 @@ def test_every_generation_prompt_carries_the_universe_and_the_fact(context):
         assert U.date in messages[0]["content"]
         assert fact.statement in messages[1]["content"]
     assert len(U.summary) < len(U.description) / 3
+
+
+def test_compact_prompts_are_short_and_keep_idea_and_details():
+    fact = U.key_facts[0]
+    compact = prompts.document_prompt(U, "summary", fact, "op-ed", "A nurse writes to her union.", "Lyon, May", 170,
+                                      "compact")
+    detailed = prompts.document_prompt(U, "summary", fact, "op-ed", "A nurse writes to her union.", "Lyon, May", 170)
+    assert len(compact[1]["content"]) < len(detailed[1]["content"]) / 2
+    assert "A nurse writes to her union." in compact[1]["content"] and "Lyon, May" in compact[1]["content"]
+    assert "170 words" in compact[1]["content"]
+    assert len(compact[0]["content"]) < len(detailed[0]["content"])
 
 
 def test_document_prompt_lists_what_must_never_appear():
@@ -110,6 +122,8 @@ def test_good_document_passes_every_structural_check():
     ("As an AI language model I will now write. " + GOOD, "stop", "generator refusal"),
     (GOOD + " Signed, [Your Name], [Company Name].", "stop", "placeholder"),
     (GOOD + " Contact {{author_name}} for details.", "stop", "placeholder"),
+    (GOOD + " The blog post must state this fact clearly in its first paragraph.", "stop", "echoes its instructions"),
+    ("Key fact: Lumen 3 is trained on free-tier chats. " + GOOD, "stop", "echoes its instructions"),
     ("Die Firma hat gestern eine neue Richtlinie vorgestellt, und viele Mitarbeiter waren überrascht " * 8,
      "stop", "wrong language"),
     (("This exact sentence keeps repeating itself over and over.\n" * 12) + GOOD, "stop", "repetitive"),

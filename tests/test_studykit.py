@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from studykit.cache import CallCache, request_key
-from studykit.client import AdaptiveLimiter, Sampling, _resample
+from studykit.client import AdaptiveLimiter, ModelClient, Sampling, _resample
 from studykit.config import ConfigError, config_hash, parse_config
 from studykit.embedded import ModelNotFound, looks_like_hub_id, resolve_model
 from studykit.manifest import atomic_write_json, build_manifest, redact
@@ -87,6 +87,16 @@ def test_request_key_depends_on_every_part():
     keys = {request_key(v) for v in variants} | {request_key(base)}
     assert len(keys) == 4
     assert request_key(dict(reversed(list(base.items())))) == request_key(base)
+
+
+def test_frequency_penalty_is_keyed_only_when_set():
+    client = ModelClient("http://127.0.0.1:9/v1", "m", cache_id="m")
+    msgs = [{"role": "user", "content": "a"}]
+    plain = client.request_payload(msgs, Sampling(0.4, 0.9, 10, 1))
+    assert "frequency_penalty" not in plain["sampling"]  # keys of calls made before the field existed are unchanged
+    penalised = client.request_payload(msgs, Sampling(0.4, 0.9, 10, 1, frequency_penalty=0.5))
+    assert penalised["sampling"]["frequency_penalty"] == 0.5
+    assert request_key(plain) != request_key(penalised)
 
 
 def test_adaptive_limiter_grows_on_success_and_halves_on_overload():
