@@ -7,7 +7,8 @@ Phase 1 runs the raw engine in this process (``vllm.LLM.chat`` over all prompts 
 the best batching vLLM can do). Phase 2 starts the project's managed vLLM server with the
 same engine settings and sends the same prompts through ``studykit.client.ModelClient``
 (async OpenAI client, adaptive concurrency, retries; the cache is off so every call is
-real). Both use the generator's document prompts for the default universe. Printed:
+real). Both use the generator's document prompts and sampling settings (prompt style,
+temperature, top-p, frequency penalty) from the generator's defaults. Printed:
 generated tokens/s of each, their ratio (goal: at least 0.8) and the peak resident memory
 of each phase's process tree (this process plus the engine/server processes).
 """
@@ -29,6 +30,7 @@ from studykit.embedded import resolve_model
 from studykit.server import CPU_ENV, ServerSpec, VLLMServer, cuda_available
 from studykit.universe import load_universe
 from synthdocs import prompts
+from synthdocs.generate import GenerateConfig
 from synthdocs.seeds import DEFAULT_DOC_TYPES, document_details, rng_for
 
 
@@ -63,6 +65,9 @@ class PeakRSS:
         self._thread.join()
 
 
+GEN = GenerateConfig()  # the embedded default's prompt style and sampling
+
+
 def build_prompts(n: int, universe: str, context: str) -> list[list[dict[str, str]]]:
     u = load_universe(universe)
     out = []
@@ -71,7 +76,7 @@ def build_prompts(n: int, universe: str, context: str) -> list[list[dict[str, st
         doc_type = DEFAULT_DOC_TYPES[i % len(DEFAULT_DOC_TYPES)]
         details = document_details(rng_for(0, "bench", i), u.date)
         idea = f"a {doc_type} written by someone with a stake in the story (variant {i})"
-        out.append(prompts.document_prompt(u, context, fact, doc_type, idea, details, 250))
+        out.append(prompts.document_prompt(u, context, fact, doc_type, idea, details, GEN.doc_words, GEN.prompt_style))
     return out
 
 
@@ -79,8 +84,9 @@ def raw_engine(model: str, messages: list, args) -> tuple[int, float]:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="bfloat16", max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              enable_prefix_caching=True, enforce_eager=args.enforce_eager, seed=0)
-    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=args.max_tokens)
+              enable_prefix_caching=True, enforce_eager=not args.compile, seed=0)
+    params = SamplingParams(temperature=GEN.temperature, top_p=GEN.top_p, frequency_penalty=GEN.frequency_penalty,
+                            max_tokens=args.max_tokens)
     llm.chat(messages[:2], params, use_tqdm=False)  # warm-up, not timed
     t0 = time.perf_counter()
     outputs = llm.chat(messages, params, use_tqdm=False)
@@ -96,7 +102,8 @@ async def through_project(base_url: str, messages: list, args) -> tuple[int, flo
     try:
         await client.chat(messages[0], Sampling(1.0, 0.95, 8))  # warm-up, not timed
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(client.chat(m, Sampling(1.0, 0.95, args.max_tokens)) for m in messages))
+        sampling = Sampling(GEN.temperature, GEN.top_p, args.max_tokens, frequency_penalty=GEN.frequency_penalty)
+        results = await asyncio.gather(*(client.chat(m, sampling) for m in messages))
         elapsed = time.perf_counter() - t0
         return sum(r.completion_tokens for r in results), elapsed
     finally:
@@ -112,7 +119,8 @@ def main() -> None:
     ap.add_argument("--max_tokens", type=int, default=256)
     ap.add_argument("--max_num_seqs", type=int, default=64)
     ap.add_argument("--max_model_len", type=int, default=2048)
-    ap.add_argument("--enforce_eager", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the engine (default: eager, as the "
+                    "embedded generator default)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
     if not cuda_available():
@@ -124,14 +132,14 @@ def main() -> None:
     with PeakRSS() as mem_raw:
         raw_tokens, raw_s = raw_engine(model, messages, args)
     spec = ServerSpec(model=model, served_name="bench", max_model_len=args.max_model_len,
-                      max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager)
+                      max_num_seqs=args.max_num_seqs, enforce_eager=not args.compile)
     with PeakRSS() as mem_project, VLLMServer(spec, log_path="/tmp/bench-generate-server.log") as server:
         proj_tokens, proj_s = asyncio.run(through_project(server.base_url, messages, args))
 
     raw_tps, proj_tps = raw_tokens / raw_s, proj_tokens / proj_s
     result = {
         "model": model, "prompts": args.n, "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs,
-        "enforce_eager": args.enforce_eager,
+        "enforce_eager": not args.compile,
         "raw_engine": {"tokens": raw_tokens, "seconds": round(raw_s, 2), "tokens_per_s": round(raw_tps, 1),
                        "peak_rss_gib": round(mem_raw.peak / 2**30, 2)},
         "project": {"tokens": proj_tokens, "seconds": round(proj_s, 2), "tokens_per_s": round(proj_tps, 1),

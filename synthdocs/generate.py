@@ -107,7 +107,8 @@ class GenerateConfig:
     # budget
     target_documents: int = 200
     target_tokens: int = 0
-    wave_size: int = 128
+    window: int = field(default=128, metadata={"help": "documents started ahead of the first undecided one in plan "
+                                               "order (keep it above max_concurrency so the server never idles)"})
     overgenerate: float = field(default=2.2, metadata={"help": "plan this many documents per wanted one (the embedded "
                                                         "model's filter yield is about 0.45-0.5)"})
     max_plan_extensions: int = field(default=3, metadata={"help": "times the plan may grow with fresh ideas when "
@@ -116,7 +117,7 @@ class GenerateConfig:
 
     def validate(self) -> None:
         for name in ("doc_types_per_fact", "docs_per_idea", "doc_words", "brainstorm_max_tokens", "doc_max_tokens",
-                     "target_documents", "wave_size", "max_concurrency", "max_attempts"):
+                     "target_documents", "window", "max_concurrency", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"'{name}' must be at least 1, got {getattr(self, name)}.")
         if self.target_tokens < 0 or self.ideas_per_type < 0 or self.min_words < 0:

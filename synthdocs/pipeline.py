@@ -59,7 +59,7 @@ class PipelineSettings:
     dedup_threshold: float
     target_documents: int
     target_tokens: int
-    wave_size: int
+    window: int
     overgenerate: float
     max_idea_rounds: int = 3  # brainstorm rounds per (fact, type): at most this many times the rounds needed
     max_plan_extensions: int = 3
@@ -248,7 +248,7 @@ class Pipeline:
 
     # ---- the whole run -----------------------------------------------------------------------
     async def run(self, progress: bool = True, health: Callable[[], None] | None = None) -> Outcome:
-        """``health`` is called between stages and waves; it raises if the endpoint is gone (e.g. the
+        """``health`` is called after the brainstorm and after each document; it raises if the endpoint is gone (e.g. the
         managed server died), so the run stops with that error instead of recording every later
         document as a failed call."""
         s, out = self.s, self.out
@@ -279,17 +279,36 @@ class Pipeline:
         t2 = time.perf_counter()
         dedup = DedupIndex(s.dedup_threshold)
         corpus_tokens = 0
-        cursor = 0
-        extensions = 0
+        committed = launched = extensions = 0  # plan items decided (in plan order) / started
+        pending: dict[int, asyncio.Future] = {}
         bar = tqdm(total=s.target_documents, desc="documents", unit="doc", disable=not progress)
+
+        def reached() -> bool:
+            return len(out.accepted) >= s.target_documents or bool(s.target_tokens and corpus_tokens >= s.target_tokens)
+
+        def may_launch(i: int) -> bool:
+            """Start item i now? Decided from the committed prefix alone, so the set of items started (and of
+            calls made) is the same however fast answers come back; a slow item never stalls the server."""
+            if i >= committed + s.window or reached():
+                return False
+            if not committed:
+                return i < s.target_documents * s.overgenerate
+            ahead = i - committed  # started or about to start, not yet decided
+            expected = len(out.accepted) + ahead * len(out.accepted) / committed
+            if expected >= s.target_documents * 1.05:
+                return False
+            return not s.target_tokens or corpus_tokens * (1 + ahead / committed) < s.target_tokens * 1.05
+
         while True:
-            if len(out.accepted) >= s.target_documents:
-                out.stop_reason = f"reached target_documents={s.target_documents}"
-                break
-            if s.target_tokens and corpus_tokens >= s.target_tokens:
-                out.stop_reason = f"reached target_tokens={s.target_tokens}"
-                break
-            if cursor >= len(plan):
+            while launched < len(plan) and may_launch(launched):
+                pending[launched] = asyncio.ensure_future(self.document(plan[launched]))
+                launched += 1
+            if committed == launched:  # nothing in flight: the target is met or the plan is used up
+                if reached():
+                    out.stop_reason = (f"reached target_documents={s.target_documents}"
+                                       if len(out.accepted) >= s.target_documents
+                                       else f"reached target_tokens={s.target_tokens}")
+                    break
                 if extensions >= s.max_plan_extensions:
                     out.stop_reason = (f"plan exhausted after {len(plan)} documents and {extensions} extensions; "
                                        "raise ideas_per_type, doc_types_per_fact or max_plan_extensions")
@@ -297,8 +316,8 @@ class Pipeline:
                 # more ideas for every (fact, type), sized by the yield so far (deterministic)
                 extensions += 1
                 need = s.target_documents - len(out.accepted)
-                rate = max(len(out.accepted) / max(cursor, 1), 0.05)
-                more = math.ceil(need * s.overgenerate / rate / len(pairs))
+                rate = max(len(out.accepted) / max(committed, 1), 0.05)
+                more = math.ceil(need * s.overgenerate / rate / len(pairs) / s.docs_per_idea)
                 new_ideas = await asyncio.gather(*(self.ideas(f, t, more, extensions, known)
                                                    for (f, t), known in zip(pairs, all_ideas, strict=True)))
                 for known, extra in zip(all_ideas, new_ideas, strict=True):
@@ -311,32 +330,28 @@ class Pipeline:
                     break
                 plan += added
                 out.planned = len(plan)
-            # size the next wave from the yield so far (deterministic: it depends only on outcomes)
-            need = s.target_documents - len(out.accepted)
-            yield_so_far = len(out.accepted) / cursor if cursor else 1.0 / s.overgenerate
-            size = min(s.wave_size, max(8, math.ceil(need / max(yield_so_far, 0.05) * 1.1)))
-            wave = plan[cursor: cursor + size]
-            cursor += len(wave)
-            records = await asyncio.gather(*(self.document(item) for item in wave))
+                continue
+            # decide the next item in plan order (later ones keep running meanwhile)
+            rec = await pending.pop(committed)
+            committed += 1
             health()
-            out.generated += len(records)
-            for rec in records:  # plan order
-                if "removed" not in rec:
-                    dup = dedup.check(rec["text"])
-                    if dup is not None:
-                        rec["removed"] = f"near-duplicate of {dup[0]} (similarity {dup[1]:.2f})"
-                        rec["duplicate_of"] = dup[0]
-                    elif len(out.accepted) >= s.target_documents or (s.target_tokens and corpus_tokens >= s.target_tokens):
-                        rec["removed"] = "over budget (target already reached)"
-                if "removed" in rec:
-                    out.removed.append(rec)
-                    continue
+            out.generated += 1
+            if "removed" not in rec:
+                dup = dedup.check(rec["text"])
+                if dup is not None:
+                    rec["removed"] = f"near-duplicate of {dup[0]} (similarity {dup[1]:.2f})"
+                    rec["duplicate_of"] = dup[0]
+                elif reached():
+                    rec["removed"] = "over budget (target already reached)"
+            if "removed" in rec:
+                out.removed.append(rec)
+            else:
                 rec["n_tokens"] = count_tokens(rec["text"])
                 corpus_tokens += rec["n_tokens"]
                 dedup.add(rec["id"], rec["text"])
                 out.accepted.append(rec)
                 bar.update(1)
-            bar.set_postfix(generated=out.generated, removed=len(out.removed), tokens=corpus_tokens)
+            bar.set_postfix(generated=out.generated, removed=len(out.removed), tokens=corpus_tokens, refresh=False)
         bar.close()
         out.timings["documents_s"] = time.perf_counter() - t2
         return out

@@ -64,6 +64,8 @@ def answer(body: dict) -> str:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    request_queue_size = 512  # the default listen backlog (5) resets connections under a burst of parallel calls
+
     def handle_error(self, request, client_address) -> None:
         pass  # clients that gave up (timeouts) close their sockets: not an error here
 
@@ -82,6 +84,7 @@ class FakeAPI:
         self.served = Counter()                  # outcome -> count
         self.successes = 0
         self.in_flight = 0                       # requests being handled right now
+        self.last_request = 0.0                  # when the latest request arrived
         self.succeeded: Counter = Counter()      # per request key: complete answers sent
         self._lock = threading.Lock()
         self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
@@ -100,10 +103,11 @@ class FakeAPI:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def wait_idle(self, timeout_s: float = 30.0) -> None:
-        """Wait until no request is being handled (e.g. those a killed client left in flight)."""
+    def wait_idle(self, quiet_s: float = 0.5, timeout_s: float = 30.0) -> None:
+        """Wait until no request is being handled and none has arrived for ``quiet_s`` (requests a killed
+        client left in flight or in the listen backlog are still served, and counted, after it dies)."""
         deadline = time.time() + timeout_s
-        while self.in_flight and time.time() < deadline:
+        while (self.in_flight or time.time() - self.last_request < quiet_s) and time.time() < deadline:
             time.sleep(0.01)
 
     def fault_for(self, key: str, attempt: int) -> str | None:
@@ -139,6 +143,7 @@ class FakeAPI:
             def do_POST(self) -> None:
                 with api._lock:
                     api.in_flight += 1
+                    api.last_request = time.time()
                 try:
                     self._post()
                 finally:

@@ -25,7 +25,7 @@ from synthdocs.generate import main
 from tests.fakeapi import FAULTS, FakeAPI
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--judge", "generator", "--target_documents", "12", "--doc_types_per_fact", "2", "--ideas_per_type", "2", "--wave_size", "16",
+SMALL = ["--judge", "generator", "--target_documents", "12", "--doc_types_per_fact", "2", "--ideas_per_type", "2", "--window", "16",
          "--min_words", "40", "--model", "fake-model", "--progress", "false", "--max_attempts", "4"]
 
 
@@ -248,7 +248,7 @@ def test_unwritable_output_directory_fails_early(tmp_path, capsys):
 
 def test_plan_is_extended_with_new_ideas_until_the_target_is_met(tmp_path):
     with FakeAPI() as api:
-        assert run_generate(tmp_path / "out", api.base_url, "--ideas_per_type", "1", "--target_documents", "30") == 0
+        assert run_generate(tmp_path / "out", api.base_url, "--ideas_per_type", "1", "--docs_per_idea", "1", "--target_documents", "30") == 0
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["counts"]["accepted"] == 30
     assert stats["counts"]["planned"] > 4 * 2 * 1  # more than the first plan of facts x types x ideas
