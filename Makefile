@@ -4,10 +4,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup generate finetune evaluate test test-fast lint bench
+.PHONY: setup study generate finetune evaluate test test-fast lint bench
 
 setup:
 	bash scripts/setup.sh
+
+# the whole study (both corpora, both fine-tuning runs, evaluation, one report): configs/study/default.yaml
+study: setup
+	$(PY) -m studykit.study
 
 generate: setup
 	$(PY) -m synthdocs.generate
