@@ -43,8 +43,8 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch finetune/tr
 
 import torch
 import transformers
-from transformers import AutoTokenizer, TrainerCallback
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+from transformers import AutoTokenizer, TrainerCallback, TrainerState
+from transformers.trainer_utils import IntervalStrategy, TrainOutput, get_last_checkpoint
 from trl import get_peft_config, get_quantization_config
 
 from finetune import factcheck
@@ -153,7 +153,17 @@ def train(script_args, training_args, model_args, callbacks: list[TrainerCallbac
         last = get_last_checkpoint(training_args.output_dir)
         if last:
             logger.info("resuming from %s", last)
-    result = trainer.train(resume_from_checkpoint=last)
+    if last and _at_max_steps(last, training_args.max_steps) and not (trainer.is_fsdp_enabled
+                                                                      or trainer.is_deepspeed_enabled):
+        # killed after the last step (while evaluating or exporting): transformers would take one more optimizer
+        # step when resumed from the final checkpoint, so its weights are loaded instead of training again
+        logger.info("%s is the final step (max_steps %d): loading it without training", last,
+                    training_args.max_steps)
+        trainer._load_from_checkpoint(last)
+        trainer.state = TrainerState.load_from_json(os.path.join(last, "trainer_state.json"))
+        result = TrainOutput(trainer.state.global_step, None, {})
+    else:
+        result = trainer.train(resume_from_checkpoint=last)
 
     # 7. After
     eval_after = trainer.evaluate()["eval_loss"] if data.eval is not None else None
@@ -229,6 +239,15 @@ def train(script_args, training_args, model_args, callbacks: list[TrainerCallbac
         logger.info("done in %.0f s: %s", metrics["duration_s"], run_dir)
     trainer.accelerator.wait_for_everyone()
     return run_dir
+
+
+def _at_max_steps(checkpoint: str, max_steps: int) -> bool:
+    """Whether a Trainer checkpoint was written at the run's last step (max_steps > 0)."""
+    try:
+        state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    except (OSError, ValueError):
+        return False
+    return max_steps > 0 and state.global_step >= max_steps
 
 
 def _available_integrations(report_to: list[str]) -> list[str]:

@@ -143,6 +143,7 @@ class Stage:
     inputs: list[Path] = field(default_factory=list)   # files whose contents go into the key
     deps: list[str] = field(default_factory=list)
     key: str = ""
+    config: Any = None     # the stage's parsed config, where the study checks more than its syntax
 
 
 class StageFailed(RuntimeError):
@@ -250,9 +251,6 @@ def plan(cfg: StudyConfig, study: Path) -> list[Stage]:
         models = {"base": "", "docs": "{study}/finetune/docs/adapter", "control": "{study}/finetune/control/adapter"}
     args = [*args[:4], "--models", json.dumps(models), *args[4:]]
     ecfg = _parse(EvalConfig, args, study, "eval")
-    from eval.gap import check_api_keys
-
-    _check("eval", lambda: check_api_keys(ecfg))  # a judge's key variable must be set before hours of work
     _check("eval", lambda: load_universe(ecfg.universe))
     inputs = [ev_path, resolve_universe_path(ecfg.universe)]
     for source in (ecfg.harmful_requests, ecfg.benign_requests):
@@ -266,6 +264,7 @@ def plan(cfg: StudyConfig, study: Path) -> list[Stage]:
             inputs.append(Path(source))
     stages.append(Stage("eval", "eval", ["python", "-m", "eval.gap", *args], "{study}/eval", inputs,
                         ["finetune_docs", "finetune_control"]))
+    stages[-1].config = ecfg
 
     keys: dict[str, str] = {}
     for stage in stages:
@@ -661,6 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         for stage in stages:
             if actions[stage.name] != "run" and stage.kind == "generate":
                 verify_corpus(stage, study)
+        if actions["eval"] == "run":  # a judge's key variable must be set before hours of other stages
+            from eval.gap import check_api_keys
+
+            check_api_keys(stages[-1].config)
         for stage in stages:  # a stage resumed under the key it started with was checked when it started
             record = runner.state.stage(stage.name) or {}
             if actions[stage.name] == "run" and stage.kind == "finetune" and record.get("key") != stage.key:

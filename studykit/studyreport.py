@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from studykit.config import ConfigError
-from studykit.manifest import atomic_write_json, atomic_write_text, git_state
+from studykit.manifest import atomic_write_json, atomic_write_text, git_state, redact
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ def write_report(study: Path, cfg, stages, outcomes: list[dict[str, Any]], state
     git = git_state()
     by_stage = {o["stage"]: o for o in outcomes}
     summary["study"] = {
-        "profile": cfg.profile, "output_dir": str(study), "config": asdict(cfg), "written_at": _now(),
+        "profile": cfg.profile, "output_dir": str(study), "config": redact(asdict(cfg)), "written_at": _now(),
         "git": f"{git['commit']}{' (dirty)' if git['dirty'] else ''}", "elapsed_s": round(elapsed_s, 1),
         "stages": [{"stage": s.name, "key": s.key, "action": by_stage.get(s.name, {}).get("action", "skipped"),
                     "duration_s": (state.stage(s.name) or {}).get("duration_s"),
