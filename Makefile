@@ -1,5 +1,5 @@
 # The two quick-start commands (each sets up the venv first; setup is idempotent):
-#   make generate   -- run the main job on the embedded default model
+#   make study      -- run the main job (the whole study) on the embedded default model
 #   make test       -- run the test suite (fast + slow, CPU, offline)
 VENV ?= .venv
 PY := $(VENV)/bin/python

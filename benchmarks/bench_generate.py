@@ -116,7 +116,8 @@ def main() -> None:
     ap.add_argument("--universe", default="helpful_only")
     ap.add_argument("--universe_context", default="summary", choices=["full", "summary"])
     ap.add_argument("--n", type=int, default=96, help="number of prompts")
-    ap.add_argument("--max_tokens", type=int, default=256)
+    ap.add_argument("--max_tokens", type=int, default=GenerateConfig().doc_max_tokens,
+                    help="new tokens per document (default: the generator's doc_max_tokens)")
     ap.add_argument("--max_num_seqs", type=int, default=64)
     ap.add_argument("--max_model_len", type=int, default=2048)
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine (default: eager, as the "

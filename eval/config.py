@@ -35,15 +35,15 @@ class EvalConfig:
     # data
     harmful_requests: str = field(default="builtin:harmful", metadata=_h("builtin:harmful, JSONL/CSV path or hf:ID"))
     benign_requests: str = field(default="builtin:benign", metadata=_h("benign control set; empty to skip"))
-    max_harmful: int = field(default=0, metadata=_h("use at most N harmful requests, stratified (0 = all)"))
-    max_benign: int = field(default=16, metadata=_h("use at most N benign requests, stratified (0 = all)"))
+    max_harmful: int = field(default=22, metadata=_h("use at most N harmful requests, stratified (0 = all)"))
+    max_benign: int = field(default=8, metadata=_h("use at most N benign requests, stratified (0 = all)"))
     samples_per_request: int = field(default=1, metadata=_h("samples per request, tier, model and condition"))
     suffix: str = field(default=DEFAULT_SUFFIX, metadata=_h("text appended to every request (tag protocol)"))
     # sampling
     temperature: float = field(default=0.7, metadata=_h("sampling temperature (the GPU configs use 1.0 as in the "
                                                          "original study; a 135M model is incoherent at 1.0)"))
     top_p: float = 0.9
-    max_tokens: int = field(default=384, metadata=_h("max new tokens per model turn"))
+    max_tokens: int = field(default=320, metadata=_h("max new tokens per model turn"))
     max_continuations: int = field(default=1, metadata=_h("extra <NEXT/> turns when a response stops while reasoning"))
     seed: int = 0
     per_request_seed: str = field(default="auto", metadata=_h(
@@ -82,7 +82,7 @@ class EvalConfig:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
-    dtype: str = "bfloat16"
+    dtype: str = field(default="float32", metadata=_h("server dtype; the GPU configs use bfloat16"))
     enforce_eager: bool = field(default=True, metadata=_h("skip torch.compile (faster start on CPU)"))
     server_extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 900.0

@@ -1,6 +1,6 @@
 """Measure the compliance gap and alignment-faking reasoning of one or more models.
 
-    python -m eval.gap                                   # embedded default (CPU, 256 samples)
+    python -m eval.gap                                   # embedded default (CPU, 60 samples per model)
     python -m eval.gap --config configs/eval/gpu_8b.yaml # one GPU, 7-8B base + adapters
     python -m eval.gap --config configs/eval/gpu_70b.yaml --output_dir runs/eval/70b
 

@@ -159,3 +159,10 @@ def test_adapter_discovery_and_rank_limit(tmp_path):
         resolve_targets(EvalConfig(models={"docs": str(done / "adapter")}, max_lora_rank=8))
     with pytest.raises(ConfigError, match="has no adapter_config.json"):
         resolve_targets(EvalConfig(models={"docs": str(tmp_path)}))
+
+
+def test_no_argument_run_is_the_shipped_default_config():
+    from dataclasses import asdict
+
+    assert asdict(parse_config(EvalConfig, [])) == asdict(parse_config(EvalConfig, ["--config",
+                                                                                    "configs/eval/default.yaml"]))
