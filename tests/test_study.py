@@ -40,7 +40,8 @@ def test_plan_builds_the_stage_commands_from_the_stage_configs(tmp_path):
     gen = stages["generate_docs"].argv
     assert gen[:3] == ["python", "-m", "synthdocs.generate"]
     assert gen[gen.index("--config") + 1] == "{repo}/configs/generate/default.yaml"
-    assert gen[gen.index("--target_documents") + 1] == "80"
+    shipped = yaml.safe_load((ROOT / "configs/study/default.yaml").read_text())["generate_overrides"]
+    assert gen[gen.index("--target_documents") + 1] == str(shipped["target_documents"])
     ctrl = stages["finetune_control"].argv
     assert ctrl[:4] == ["accelerate", "launch", "--config_file", "{repo}/configs/finetune/accelerate/cpu.yaml"]
     for flag, value in (("--corpus", "{study}/generate/docs"), ("--control", "true"),
@@ -340,6 +341,7 @@ def test_report_puts_the_three_models_side_by_side(tmp_path, af):
 def test_default_config_is_what_no_arguments_run(tmp_path, capsys):
     assert st.main(["--dry_run", "true", "--output_dir", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().err
-    assert "--target_documents 80" in out and "would run" in out
+    shipped = yaml.safe_load((ROOT / "configs/study/default.yaml").read_text())["generate_overrides"]
+    assert f"--target_documents {shipped['target_documents']}" in out and "would run" in out
     assert yaml.safe_load((ROOT / "configs/study/default.yaml").read_text())["output_dir"] == "runs/study/default"
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
