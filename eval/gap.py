@@ -52,7 +52,7 @@ from eval.serving import (
     server_groups,
 )
 from studykit.cache import CallCache
-from studykit.client import EndpointUnreachable, ModelClient
+from studykit.client import EndpointUnreachable, ModelClient, UsageStats
 from studykit.config import ConfigError, config_hash, parse_config
 from studykit.embedded import ModelNotFound, resolve_model
 from studykit.jsonl import write_jsonl
@@ -124,24 +124,11 @@ async def evaluate(cfg: EvalConfig, base_url: str, targets: list[ModelTarget], r
                                              for t in targets))
             probe_records = [r for rs in results for r in rs]
         return {"probe_records": probe_records,
-                "usage": {**{f"model:{n}": c.stats.as_dict() for n, c in clients.items()},
-                          **{f"judge:{n}": c.stats.as_dict() for n, c in judges.items()}}}
+                "usage": {**{f"model:{n}": c.stats for n, c in clients.items()},
+                          **{f"judge:{n}": c.stats for n, c in judges.items()}}}
     finally:
         for c in [*clients.values(), *judges.values()]:
             await c.aclose()
-
-
-def add_usage(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Sum two clients' usage statistics (a judge is used by every server's run)."""
-    out = dict(a)
-    for key, value in b.items():
-        if isinstance(value, dict):
-            out[key] = add_usage(out.get(key, {}), value)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = max(out.get(key, 0), value) if key.startswith("peak") else out.get(key, 0) + value
-        else:
-            out[key] = value
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--serve_adapters lora, or give the judge its own endpoint URL.")
         cache = CallCache(out / "cache.sqlite")
         store = SampleStore(out / "samples.jsonl")
-        result: dict[str, Any] = {"probe_records": [], "usage": {}}
+        result: dict[str, Any] = {"probe_records": [], "usage": {}}  # usage summed over the servers' runs
         server_s = 0.0
         try:
             for group in groups:  # one server for all models (LoRA or an endpoint), or one per merged model
@@ -200,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"retries them. Last lines of {server.log_path}:\n{server.log_tail(15)}")
                 result["probe_records"] += part["probe_records"]
                 for key, stats in part["usage"].items():
-                    result["usage"][key] = add_usage(result["usage"].get(key, {}), stats)
+                    result["usage"][key] = result["usage"].get(key, UsageStats()) + stats
         finally:
             store.close()
             cache.close()
@@ -243,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval.gap", cfg, seeds={"seed": cfg.seed}, universe=universe.path,
         models=[t.as_dict() for t in targets], endpoint=cfg.base_url or "managed vLLM server",
         requests={k: {"n": len(v), "source": v[0].source} for k, v in sets.items()}, n_samples=len(records),
-        n_failed=n_failed, usage=result["usage"], timings=timings, notes=[*judge_notes, *notes],
+        n_failed=n_failed, usage={k: u.as_dict() for k, u in result["usage"].items()}, timings=timings,
+        notes=[*judge_notes, *notes],
         af_judge=af_desc)
     summary = {**manifest, **figures}
     atomic_write_json(out / "summary.json", summary)

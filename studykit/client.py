@@ -24,7 +24,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import httpx
@@ -93,6 +93,9 @@ class UsageStats:
         d = asdict(self)
         d["faults"] = dict(self.faults)
         return d
+
+    def __add__(self, other: UsageStats) -> UsageStats:
+        return UsageStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
 
 class AdaptiveLimiter:
