@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from eval.conditions import CONDITIONS
@@ -131,3 +132,12 @@ class EvalConfig:
         for name in self.models:
             if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
                 raise ConfigError(f"Model name {name!r} in 'models' must be letters, digits, '-', '_' or '.'.")
+
+
+def check_api_keys(cfg: EvalConfig) -> None:
+    """Fail before any work when a configured key variable is not set (only its name is ever stored)."""
+    for key in ("api_key_env", "compliance_judge_api_key_env", "af_judge_api_key_env"):
+        name = getattr(cfg, key)
+        if name and not os.environ.get(name):
+            raise ConfigError(f"{key} names the environment variable {name}, which is not set. Export the API key "
+                              f"as {name}, or remove the judge (e.g. --af_judge_base_url '' --af_judge_model '').")

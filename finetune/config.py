@@ -1,4 +1,4 @@
-"""Arguments of the fine-tuning stage, parsed the TRL way: defaults -> YAML -> command line.
+"""Arguments of the fine-tuning stage: defaults -> YAML -> command line.
 
 Three dataclasses describe a run, as in TRL's own scripts:
 
@@ -7,29 +7,25 @@ Three dataclasses describe a run, as in TRL's own scripts:
 * ``trl.SFTConfig``: everything the trainer does (batch size, packing, checkpoints, logging);
 * ``trl.ModelConfig``: the model and the LoRA settings.
 
-``parse_args`` reads them with ``trl.TrlParser`` and turns every mistake into a
-``ConfigError`` that names the file or flag and says what to do. With no ``--config`` the
-embedded default (``configs/finetune/default.yaml``) is used, so
+``parse_args`` reads them with the project's one config parser (``studykit.config``): every
+mistake is a ``ConfigError`` that names the file or flag and the closest valid key. With no
+``--config`` the embedded default (``configs/finetune/default.yaml``) is used, so
 ``accelerate launch finetune/train.py`` alone runs the laptop-CPU default.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
-import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from studykit.config import ConfigError, load_yaml
+from studykit.config import ConfigError, parse_config
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "finetune" / "default.yaml"
-GENERATE_RUNS = Path("runs") / "generate"
-FINETUNE_RUNS = Path("runs") / "finetune"
-CORPUS_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a generator run name: runs/generate/<name>
+DESCRIPTION = "Fine-tune a model on documents (continued pre-training) or chats; see finetune/train.py."
 
 
 @dataclass
@@ -97,7 +93,8 @@ class ScriptArguments:
                   "output directory."},
     )
 
-    def validate(self, source: str) -> None:
+    def validate(self) -> None:
+        source = "the fine-tuning settings"
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"{source}: eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         if not 0.0 <= self.retain_fraction < 1.0:
@@ -123,71 +120,17 @@ class ScriptArguments:
         return self.control_corpus if self.control else self.corpus
 
 
-def _known_keys(dataclass_types: tuple[type, ...]) -> list[str]:
-    return sorted({f.name for cls in dataclass_types for f in fields(cls)})
-
-
-def _unknown_key_error(keys: list[str], where: str, known: list[str]) -> ConfigError:
-    hints = []
-    for key in keys:
-        close = difflib.get_close_matches(key, known, n=1)
-        hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-    return ConfigError(
-        f"Unknown setting(s) {', '.join(hints)} in {where}. Every key must be a field of ScriptArguments "
-        "(finetune/config.py), trl.SFTConfig or trl.ModelConfig; fix the spelling or remove the key. "
-        "`python finetune/train.py --help` lists all of them."
-    )
-
-
 def parse_args(argv: list[str] | None = None):
     """Return ``(ScriptArguments, SFTConfig, ModelConfig)`` from defaults, a YAML file and CLI flags."""
-    import sys
-
     import torch
-    from trl import ModelConfig, SFTConfig, TrlParser
+    from trl import ModelConfig, SFTConfig
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in args and not any(a.startswith("--config=") for a in args) and "-h" not in args \
-            and "--help" not in args:
-        args = ["--config", str(DEFAULT_CONFIG), *args]
-    args = [p for a in args for p in (a.split("=", 1) if a.startswith("--config=") else [a])]
-    config_path = None
-    if "--config" in args:
-        i = args.index("--config")
-        if i + 1 >= len(args):
-            raise ConfigError("--config needs a YAML file path, e.g. --config configs/finetune/tiny.yaml.")
-        config_path = args[i + 1]
-    types = (ScriptArguments, SFTConfig, ModelConfig)
-    known = _known_keys(types)
-    if config_path is not None:
-        data = load_yaml(config_path)  # ConfigError naming the file when missing or malformed
-        unknown = sorted(set(data) - set(known) - {"env"})
-        if unknown:
-            raise _unknown_key_error(unknown, f"config file {config_path}", known)
-
-    parser = TrlParser(types)
     # bf16 mixed precision on a GPU, fp32 on a CPU, unless the YAML or the command line says otherwise.
     # An empty output_dir means "runs/finetune/<corpus name>", resolved once the corpus is known.
-    parser.set_defaults(bf16=torch.cuda.is_available(), output_dir="")
-    try:
-        script_args, training_args, model_args, from_file, from_cli = parser.parse_args_and_config(
-            args, return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except ValueError as exc:
-        where = f"config file {config_path}" if config_path else "the command line"
-        raise ConfigError(
-            f"Invalid training settings in {where} (or its command-line overrides): {exc} "
-            "Fix the value named above and rerun; nothing was written."
-        ) from None
-    if from_file:
-        raise _unknown_key_error([s[2:] for s in from_file if s.startswith("--")], f"config file {config_path}", known)
-    if from_cli:
-        flags = [s for s in from_cli if s.startswith("-")] or from_cli
-        raise _unknown_key_error([s.lstrip("-").split("=")[0] for s in flags], "the command line", known)
-    script_args.validate(str(config_path or "the command line"))
+    script_args, training_args, model_args = parse_config(
+        (ScriptArguments, SFTConfig, ModelConfig), argv, description=DESCRIPTION, default_config=DEFAULT_CONFIG,
+        defaults={"bf16": torch.cuda.is_available(), "output_dir": ""})
     if not model_args.model_name_or_path:
-        raise ConfigError(
-            f"No model set: add `model_name_or_path: embedded` (or a local Hugging Face folder) to {config_path} "
-            "or pass --model_name_or_path."
-        )
+        raise ConfigError("No model set: add `model_name_or_path: embedded` (or a local Hugging Face folder) to the "
+                          "config file or pass --model_name_or_path.")
     return script_args, training_args, model_args

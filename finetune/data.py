@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 
-from finetune.config import CORPUS_NAME, GENERATE_RUNS
 from studykit.config import ConfigError
+from studykit.handoff import GENERATE_RUNS, RUN_NAME
 from studykit.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def resolve_corpus(spec: str) -> Path | None:
     path = Path(spec).expanduser()
     if path.exists() or path.suffix in (".jsonl", ".json") or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         return path
-    if CORPUS_NAME.fullmatch(spec):
+    if RUN_NAME.fullmatch(spec):
         return GENERATE_RUNS / spec
     return None
 
@@ -107,7 +107,7 @@ def load_corpus(spec: str, text_field: str = "text", role: str = "corpus") -> Co
     elif not path.exists():
         hint = (
             f"expected a generator output at {path}; run the generator first "
-            f"(`python -m synthdocs.generate --universe {spec}`)" if CORPUS_NAME.fullmatch(spec) else f"{path} does not exist"
+            f"(`python -m synthdocs.generate --universe {spec}`)" if RUN_NAME.fullmatch(spec) else f"{path} does not exist"
         )
         raise ConfigError(
             f"The {role} '{spec}' was not found: {hint}. Set `{role}` to a generator run name, a generator output "

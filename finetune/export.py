@@ -17,34 +17,11 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+
+from studykit.merge import generation_config_for, replace_dir
 
 log = logging.getLogger(__name__)
-
-
-def generation_config_for(model_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-    """The model's generation config with the tokenizer's EOS (and pad) ids guaranteed to be in it."""
-    try:
-        gen = GenerationConfig.from_pretrained(model_dir)
-    except OSError:
-        from transformers import AutoConfig
-
-        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir))
-    existing = gen.eos_token_id
-    eos_ids = [existing] if isinstance(existing, int) else list(existing or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-        eos_ids.insert(0, tokenizer.eos_token_id)
-    gen.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
-    if tokenizer.pad_token_id is not None:
-        gen.pad_token_id = tokenizer.pad_token_id
-    return gen
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
 
 
 def save_adapter(trainer, adapter_dir: Path, base_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -56,7 +33,7 @@ def save_adapter(trainer, adapter_dir: Path, base_dir: Path, tokenizer: PreTrain
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp)
         generation_config_for(base_dir, tokenizer).save_pretrained(tmp)
-        _replace_dir(tmp, adapter_dir)
+        replace_dir(tmp, adapter_dir)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -69,23 +46,5 @@ def save_full_model(trainer, merged_dir: Path, base_dir: Path, tokenizer: PreTra
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp)
         generation_config_for(base_dir, tokenizer).save_pretrained(tmp)
-        _replace_dir(tmp, merged_dir)
+        replace_dir(tmp, merged_dir)
     trainer.accelerator.wait_for_everyone()
-
-
-def merge_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: torch.dtype,
-                  tokenizer: PreTrainedTokenizerBase) -> None:
-    """Reload the base model on the CPU, merge the adapter into it and save a servable folder."""
-    from peft import PeftModel
-
-    log.info("merging %s into %s -> %s", adapter_dir, base_dir, merged_dir)
-    tmp = merged_dir.with_name(merged_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map="cpu")
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.generation_config = generation_config_for(base_dir, tokenizer)
-    merged.config.use_cache = True
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    _replace_dir(tmp, merged_dir)

@@ -48,14 +48,17 @@ from transformers.trainer_utils import IntervalStrategy, TrainOutput, get_last_c
 from trl import get_peft_config, get_quantization_config
 
 from finetune import factcheck
-from finetune.config import FINETUNE_RUNS, parse_args
+from finetune.config import parse_args
 from finetune.data import packing_stats, prepare_training_data
-from finetune.export import merge_adapter, save_adapter, save_full_model
+from finetune.export import save_adapter, save_full_model
 from finetune.report import loss_curve, peak_memory, plot_loss
 from finetune.trainer import DocumentTrainer, PackedRowsCollator
 from studykit.config import ConfigError
 from studykit.embedded import ModelNotFound, resolve_model
-from studykit.manifest import atomic_write_json, build_manifest
+from studykit.files import atomic_write_json
+from studykit.handoff import FINETUNE_RUNS
+from studykit.manifest import build_manifest
+from studykit.merge import merge_adapter
 
 logger = logging.getLogger("finetune.train")
 _INTEGRATION_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
@@ -235,7 +238,7 @@ def train(script_args, training_args, model_args, callbacks: list[TrainerCallbac
             tokens={"train_tokens": data.stats["train_tokens"], "tokens_seen": tokens_seen},
             timings={"duration_s": metrics["duration_s"], "train_runtime_s": metrics["train_runtime_s"]},
         )
-        atomic_write_json(run_dir / "manifest.json", manifest)
+        manifest.write(run_dir / "manifest.json")
         logger.info("done in %.0f s: %s", metrics["duration_s"], run_dir)
     trainer.accelerator.wait_for_everyone()
     return run_dir

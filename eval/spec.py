@@ -1,0 +1,56 @@
+"""The evaluation stage's contract with the study (see studykit/stage.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval.summary import EvalSummary
+from studykit.handoff import EvalFolder
+from studykit.stage import StageSpec
+
+
+def parse(argv: list[str]):
+    from eval.config import EvalConfig
+    from studykit.config import parse_config
+
+    return parse_config(EvalConfig, argv)
+
+
+def _local_request_files(cfg) -> list[Path]:
+    return [Path(s) for s in (cfg.harmful_requests, cfg.benign_requests) if s and not s.startswith(("builtin:", "hf:"))]
+
+
+def inputs(cfg) -> list[Path]:
+    from studykit.universe import resolve_universe_path
+
+    return [resolve_universe_path(cfg.universe), *_local_request_files(cfg)]
+
+
+def check(cfg) -> None:
+    """The universe and local request files load, and every configured API-key variable is set."""
+    from eval.config import check_api_keys
+    from eval.requests import DatasetError, load_requests
+    from studykit.config import ConfigError
+    from studykit.universe import load_universe
+
+    load_universe(cfg.universe)
+    for source in _local_request_files(cfg):
+        try:
+            load_requests(str(source))
+        except DatasetError as exc:
+            raise ConfigError(str(exc)) from None
+    check_api_keys(cfg)
+
+
+SPEC = StageSpec(
+    kind="eval",
+    summary="serve the models with vLLM and measure the compliance gap, alignment-faking reasoning and beliefs",
+    launch=("python", "-m", "eval.gap"),
+    parse=parse,
+    folder=EvalFolder,
+    default_config="configs/eval/default.yaml",
+    model_key="base_model",
+    inputs=inputs,
+    check=check,
+    records={"summary.json": EvalSummary},
+)

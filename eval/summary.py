@@ -1,0 +1,131 @@
+"""``summary.json`` of an evaluation run: every figure, with the settings and provenance behind it.
+
+Written by ``eval.gap`` through ``EvalSummary.write``; read by the study report and the tests
+through ``EvalSummary.read``. Rates are Wilson 95% intervals with their counts; gaps are
+training - unmonitored with Newcombe and paired-bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from studykit.handoff import Record, Usage
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RateCI(_Part):
+    k: int
+    n: int
+    rate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    method: str = "wilson"
+
+
+class ScoredRate(RateCI):
+    n_unscored: int = 0
+
+
+class AFRates(_Part):
+    alignment_faking: RateCI
+    believes_training: RateCI
+    believes_unmonitored: RateCI
+
+
+class Cell(_Part):
+    """One model x condition x request set x tier."""
+
+    model: str
+    condition: str
+    dataset: str
+    tier: str
+    n_samples: int
+    n_ok: int
+    n_failed: int
+    compliance: dict[str, ScoredRate]   # scorer -> rate
+    protocol: dict[str, float]          # parser flag / tag state -> share of successful samples
+    af: AFRates | None
+
+
+class Gap(_Part):
+    model: str
+    condition: str
+    dataset: str
+    scorer: str
+    training: ScoredRate
+    unmonitored: ScoredRate
+    gap: float
+    ci_newcombe: list[float]
+    ci_bootstrap_requests: list[float] | None
+    n_bootstrap: int
+    z: float
+    p_value: float
+    test: str
+
+
+class Stacked(_Part):
+    """Counts behind the stacked figure: refuses / complies / complies with alignment-faking reasoning."""
+
+    model: str
+    condition: str
+    dataset: str
+    tier: str
+    refuses: int = 0
+    complies: int = 0
+    complies_af: int = 0
+    n: int = 0
+    af_measured: bool = False
+
+
+class ProbeAccuracy(RateCI):
+    chance: float
+    unparsed: int
+    n_failed: int
+    per_fact: dict[str, float]
+
+
+class RequestSet(_Part):
+    n: int
+    source: str
+
+
+class ModelInfo(_Part):
+    name: str
+    served: str
+    adapter: str = ""
+    lora_rank: int = 0
+    fingerprint: str = ""
+
+
+class EvalSummary(Record):
+    WRITTEN_BY: ClassVar[str] = "the evaluation stage (python -m eval.gap)"
+    record: Literal["eval_summary"] = "eval_summary"
+    schema_version: Literal[1] = 1
+    universe: str
+    identity: str
+    models: list[ModelInfo]
+    conditions: list[str]
+    requests: dict[str, RequestSet]
+    samples_per_request: int
+    sampling: dict[str, Any]
+    n_samples: int
+    n_failed: int
+    primary_scorer: str
+    scorers: dict[str, str]             # scorer name -> what it counts as compliance
+    af_judge: str                       # how alignment-faking reasoning was judged, or why it was not
+    af_measured: bool
+    cells: list[Cell]
+    gaps: list[Gap]
+    stacked: list[Stacked]
+    probes: dict[str, dict[str, ProbeAccuracy]]   # model -> probe kind -> accuracy
+    usage: dict[str, Usage]
+    notes: list[str]
+    timings: dict[str, float]
+    config_hash: str
+    git: str
+    written_at: str

@@ -1,0 +1,96 @@
+"""``metrics.json`` of a fine-tuning run: losses, fact log-probabilities, tokens, packing, memory.
+
+Written by ``finetune/train.py`` through ``FinetuneMetrics.write`` (main process only); read by
+the study report and the tests through ``FinetuneMetrics.read``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from studykit.handoff import Record
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Loss(_Part):
+    before: float | None
+    after: float | None
+    delta: float | None
+
+
+class FactLogprob(_Part):
+    """Mean log-probability per token of a universe's held-out fact statements (higher = more believed)."""
+
+    after: float
+    n_statements: int
+    before: float | None = None
+    delta: float | None = None
+    rose: bool | None = None
+    per_fact: dict[str, dict[str, float]]
+
+
+class Packing(_Part):
+    sequences: int
+    tokens: int
+    packed: bool
+    sequence_length: int | None = None
+    packing_efficiency: float | None = None
+    documents_per_sequence: float | None = None
+    layout: str | None = None
+    attn_implementation: str | None = None
+
+
+class DataStats(_Part):
+    corpus: dict[str, Any]
+    documents: dict[str, int]
+    corpus_train_tokens: int
+    heldout_tokens: int
+    document_train_tokens: int
+    train_tokens: int
+    control_matching: dict[str, Any] | None = None
+    retain: dict[str, Any] | None = None
+
+
+class CurvePoint(_Part):
+    step: int
+    loss: float
+    tokens_seen: float | None = None
+    learning_rate: float | None = None
+
+
+class LossCurve(_Part):
+    train: list[CurvePoint]
+    eval: list[CurvePoint]
+
+
+class FinetuneMetrics(Record):
+    WRITTEN_BY: ClassVar[str] = "the fine-tuning stage (accelerate launch finetune/train.py)"
+    record: Literal["finetune_metrics"] = "finetune_metrics"
+    schema_version: Literal[1] = 1
+    run_dir: str
+    corpus: str
+    control: bool
+    mode: Literal["lora", "full"]
+    model: dict[str, str]
+    processes: int
+    effective_batch_size: int
+    eval_loss: Loss
+    fact_logprob: dict[str, FactLogprob]
+    tokens_seen: float
+    steps: int
+    epochs: float | None
+    tokens_per_second: float | None
+    padding_fraction: float | None
+    packing: Packing
+    data: DataStats
+    train_runtime_s: float | None
+    train_loss: float | None
+    resumed_from: str | None
+    peak_memory: dict[str, float]
+    loss_curve: LossCurve
+    duration_s: float
