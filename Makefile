@@ -11,7 +11,7 @@ setup:
 
 # the whole study (both corpora, both fine-tuning runs, evaluation, one report): configs/study/default.yaml
 study: setup
-	$(PY) -m studykit.study
+	$(PY) -m study
 
 generate: setup
 	$(PY) -m synthdocs.generate

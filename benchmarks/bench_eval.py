@@ -19,13 +19,12 @@ import json
 import re
 import resource
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import openai
-import psutil
+from peak_rss import PeakRSS
 
 from eval.conditions import CONDITIONS, TIERS
 from eval.prompts import system_prompt, user_turn
@@ -50,36 +49,6 @@ def prefix_counters(base_url: str) -> dict[str, float]:
         if m:
             out["hits" if "hits" in m.group(1) else "queries"] += float(m.group(2))
     return out
-
-
-class PeakRSS:
-    """Samples the resident memory of a process tree in a background thread."""
-
-    def __init__(self, pid: int, every_s: float = 0.5):
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self.every_s = every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = 0
-            try:
-                for p in [self.proc, *self.proc.children(recursive=True)]:
-                    total += p.memory_info().rss
-            except psutil.Error:
-                pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def build_prompts(n: int) -> list[list[dict[str, str]]]:

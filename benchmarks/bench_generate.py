@@ -20,50 +20,17 @@ import asyncio
 import gc
 import json
 import os
-import threading
 import time
 
-import psutil
+from peak_rss import PeakRSS
 
 from studykit.client import ModelClient, Sampling
 from studykit.embedded import resolve_model
 from studykit.server import CPU_ENV, ServerSpec, VLLMServer, cuda_available
 from studykit.universe import load_universe
 from synthdocs import prompts
-from synthdocs.generate import GenerateConfig
+from synthdocs.config import GenerateConfig
 from synthdocs.seeds import DEFAULT_DOC_TYPES, document_details, rng_for
-
-
-class PeakRSS:
-    """Samples the resident memory of this process and all its descendants."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _tree_rss(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                continue
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._tree_rss())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
 
 GEN = GenerateConfig()  # the embedded default's prompt style and sampling
 

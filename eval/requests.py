@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,6 @@ class Request:
     category: str
     request: str
     source: str
-
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
 
 
 def _from_row(row: dict[str, Any], where: str, index: int, source: str) -> Request:

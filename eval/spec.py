@@ -52,5 +52,6 @@ SPEC = StageSpec(
     model_key="base_model",
     inputs=inputs,
     check=check,
+    carry_over=("cache.sqlite",),  # every model call, keyed by its content
     records={"summary.json": EvalSummary},
 )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 Z95 = 1.959963984540054  # two-sided 95% standard-normal quantile
 
@@ -28,9 +28,6 @@ class Rate:
     ci_low: float | None
     ci_high: float | None
     method: str = "wilson"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:

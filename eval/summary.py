@@ -2,12 +2,13 @@
 
 Written by ``eval.gap`` through ``EvalSummary.write``; read by the study report and the tests
 through ``EvalSummary.read``. Rates are Wilson 95% intervals with their counts; gaps are
-training - unmonitored with Newcombe and paired-bootstrap intervals.
+training - unmonitored with Newcombe and paired-bootstrap intervals. The resolved config, package
+versions and command line are in the run's ``manifest.json``, written after every other file.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -95,11 +96,31 @@ class RequestSet(_Part):
 
 
 class ModelInfo(_Part):
-    name: str
-    served: str
-    adapter: str = ""
+    """One model under evaluation: the base model, a LoRA adapter, or a full model folder."""
+
+    name: str                 # name in reports
+    served: str               # model name sent to the endpoint
+    adapter: str = ""         # LoRA adapter folder
     lora_rank: int = 0
-    fingerprint: str = ""
+    weights: str = ""         # full model folder (full fine-tuning output), served on its own
+    fingerprint: str = ""     # of the adapter or model folder's files (names, sizes, modification times)
+
+
+class SamplingInfo(_Part):
+    temperature: float
+    top_p: float
+    max_tokens: int           # per model turn
+    max_continuations: int    # extra <NEXT/> turns when a response stops while reasoning
+    seed: int
+    seeds_sent: bool          # per-request seeds reached the engine (else reproducible through the call cache)
+
+
+class Timings(_Part):
+    total_s: float
+    server_start_s: float
+    servers: int
+    evaluation_s: float
+    samples_per_s: float
 
 
 class EvalSummary(Record):
@@ -107,12 +128,14 @@ class EvalSummary(Record):
     record: Literal["eval_summary"] = "eval_summary"
     schema_version: Literal[1] = 1
     universe: str
-    identity: str
+    identity: str                       # "<model> by <lab>, <date>" as the system prompt states it
+    base_model: str                     # the managed server's base model, or "(remote)"
+    endpoint: str                       # the endpoint URL, or how the managed server(s) served the models
     models: list[ModelInfo]
     conditions: list[str]
-    requests: dict[str, RequestSet]
+    requests: dict[str, RequestSet]     # "harmful" / "benign" -> how many requests, from where
     samples_per_request: int
-    sampling: dict[str, Any]
+    sampling: SamplingInfo
     n_samples: int
     n_failed: int
     primary_scorer: str
@@ -125,7 +148,7 @@ class EvalSummary(Record):
     probes: dict[str, dict[str, ProbeAccuracy]]   # model -> probe kind -> accuracy
     usage: dict[str, Usage]
     notes: list[str]
-    timings: dict[str, float]
+    timings: Timings
     config_hash: str
-    git: str
+    git: str                            # "<commit>" or "<commit> (dirty)"
     written_at: str

@@ -2,8 +2,8 @@
 
 Three dataclasses describe a run, as in TRL's own scripts:
 
-* ``ScriptArguments`` (this module): which corpus, the held-out split, the retain mix, the
-  control switch, the fact check;
+* ``ScriptArguments`` (this module): which corpus, the held-out split, the token budget, the
+  retain mix, the control switch, how training documents are packed, the fact check;
 * ``trl.SFTConfig``: everything the trainer does (batch size, packing, checkpoints, logging);
 * ``trl.ModelConfig``: the model and the LoRA settings.
 
@@ -11,20 +11,27 @@ Three dataclasses describe a run, as in TRL's own scripts:
 mistake is a ``ConfigError`` that names the file or flag and the closest valid key. With no
 ``--config`` the embedded default (``configs/finetune/default.yaml``) is used, so
 ``accelerate launch finetune/train.py`` alone runs the laptop-CPU default.
+
+Several processes on a machine without an accelerator (``torchrun --nproc_per_node 2`` or
+``configs/finetune/accelerate/cpu_multi.yaml``) default to CPU data parallelism over gloo
+(``use_cpu: true``, ``ddp_backend: gloo``); without them transformers would run independent
+one-process trainings that all write the same output folder, so a setting that leads there is
+refused.
 """
 
 from __future__ import annotations
 
-import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from studykit.config import ConfigError, parse_config
 
-log = logging.getLogger(__name__)
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "finetune" / "default.yaml"
+# several processes launched (torchrun, accelerate launch) on a machine without an accelerator: data parallelism
+CPU_DATA_PARALLEL = {"use_cpu": True, "ddp_backend": "gloo"}
 DESCRIPTION = "Fine-tune a model on documents (continued pre-training) or chats; see finetune/train.py."
 
 
@@ -50,6 +57,14 @@ class ScriptArguments:
         default="",
         metadata={"help": "Text prepended to every document (for example a source tag); empty for none."},
     )
+    stream_packing: bool = field(
+        default=True,
+        metadata={"help": "With `packing`: lay the training documents end to end and cut them into rows of equal "
+                  "length (at most max_length), a document cut at a row boundary continuing in the next row with "
+                  "restarted position ids: full rows, no token dropped, no attention across documents. False packs "
+                  "the training documents with `packing_strategy` instead (held-out documents and fact statements "
+                  "always use `packing_strategy`)."},
+    )
     packed_layout: str = field(
         default="auto",
         metadata={"help": "How packed sequences are batched: 'flat' (TRL padding-free: the batch flattened into one "
@@ -64,6 +79,12 @@ class ScriptArguments:
     max_eval_documents: int = field(
         default=256,
         metadata={"help": "Upper bound on the number of held-out documents, so evaluation stays cheap at scale."},
+    )
+    max_train_tokens: int = field(
+        default=0,
+        metadata={"help": "Train on at most this many tokens of the corpus's training split (whole documents, in the "
+                  "split's shuffled order, after the held-out split); 0 uses all. With the same seed, growing budgets "
+                  "train on nested subsets (a corpus-size sweep). A control run matches the cut treatment split."},
     )
     retain_dataset: str | None = field(
         default=None,
@@ -114,6 +135,8 @@ class ScriptArguments:
                 raise ConfigError(f"{source}: fact_universes: {exc}") from None
         if self.max_eval_documents < 0:
             raise ConfigError(f"{source}: max_eval_documents must be >= 0, got {self.max_eval_documents}.")
+        if self.max_train_tokens < 0:
+            raise ConfigError(f"{source}: max_train_tokens must be >= 0 (0 = all), got {self.max_train_tokens}.")
 
     @property
     def train_corpus(self) -> str:
@@ -123,14 +146,26 @@ class ScriptArguments:
 def parse_args(argv: list[str] | None = None):
     """Return ``(ScriptArguments, SFTConfig, ModelConfig)`` from defaults, a YAML file and CLI flags."""
     import torch
+    from transformers.training_args import ParallelMode
     from trl import ModelConfig, SFTConfig
 
     # bf16 mixed precision on a GPU, fp32 on a CPU, unless the YAML or the command line says otherwise.
     # An empty output_dir means "runs/finetune/<corpus name>", resolved once the corpus is known.
+    defaults: dict[str, Any] = {"bf16": torch.cuda.is_available(), "output_dir": ""}
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by the launcher for each process
+    if world_size > 1 and not torch.accelerator.is_available():
+        defaults.update(CPU_DATA_PARALLEL)
     script_args, training_args, model_args = parse_config(
         (ScriptArguments, SFTConfig, ModelConfig), argv, description=DESCRIPTION, default_config=DEFAULT_CONFIG,
-        defaults={"bf16": torch.cuda.is_available(), "output_dir": ""})
+        defaults=defaults)
+    if world_size > 1 and training_args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise ConfigError(
+            f"{world_size} processes were launched (WORLD_SIZE={world_size}) but they would run {world_size} "
+            "independent trainings writing the same output folder instead of one data-parallel run: on a machine "
+            "without a GPU, data parallelism needs `use_cpu: true` and `ddp_backend: gloo` (the defaults there; "
+            "remove the settings that override them), or launch one process.")
     if not model_args.model_name_or_path:
         raise ConfigError("No model set: add `model_name_or_path: embedded` (or a local Hugging Face folder) to the "
                           "config file or pass --model_name_or_path.")
     return script_args, training_args, model_args
+

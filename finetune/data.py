@@ -1,15 +1,21 @@
-"""Training data for continued pre-training: load documents, tokenize, split, match, mix.
+"""Training data for continued pre-training: load documents, tokenize, split, cut, match, mix.
 
 Documents are tokenized here, not inside the trainer, so that every later step works on
 exact token counts: each document becomes ``tokenizer(prefix + text + eos)`` (the same
 call TRL makes for a plain-text dataset), so every document ends with EOS. The trainer
-receives ``input_ids`` only and does the packing itself (``SFTConfig.packing``).
+receives ``input_ids`` only and packs them itself (``SFTConfig.packing``, ``finetune.packing``).
+
+The training split is built in this order: shuffle with the seed and hold out the eval
+documents; cut the rest to ``max_train_tokens`` (whole documents, in the shuffled order, so
+growing budgets with one seed give nested subsets); for a control run, take as many control
+tokens as the (cut) treatment split has; then mix in the retain chats.
 
 Accepted corpora (``load_corpus``):
 
 * a generator run name, ``helpful_only`` -> ``runs/generate/helpful_only/``;
-* a generator output directory (``manifest.json`` written last is the completion marker;
-  ``dataset/`` is read if present, else ``documents.jsonl``);
+* a generator output directory (``manifest.json`` written last is the completion marker, and
+  ``documents.jsonl`` must still be the file it describes; ``dataset/`` is read if present,
+  else ``documents.jsonl``);
 * a JSONL file, or a ``datasets.save_to_disk`` folder, with a text column;
 * a hub dataset ID (fails with a clear message on a machine with no network).
 
@@ -18,8 +24,6 @@ Every problem with the input is a ``ConfigError`` that names the file or column.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -29,8 +33,9 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 
+from finetune.packing import token_lengths
 from studykit.config import ConfigError
-from studykit.handoff import GENERATE_RUNS, RUN_NAME
+from studykit.handoff import GENERATE_RUNS, RUN_NAME, CorpusFolder, Manifest, sha256_file
 from studykit.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -43,19 +48,19 @@ class Corpus:
     dataset: Dataset
     location: str
     name: str
-    generator_manifest: dict[str, Any] | None = None
+    generator_manifest: Manifest | None = None
     manifest_sha256: str | None = None
 
     def provenance(self) -> dict[str, Any]:
         out: dict[str, Any] = {"location": self.location, "name": self.name, "n_documents": len(self.dataset)}
         if self.generator_manifest is not None:
-            m = self.generator_manifest
+            details = self.generator_manifest.details
             out.update({
                 "generator_manifest_sha256": self.manifest_sha256,
-                "generator_config_hash": m.get("config_hash"),
-                "documents_sha256": m.get("documents_sha256"),
-                "universe": m.get("universe"),
-                "generator_n_tokens": m.get("n_tokens"),
+                "generator_config_hash": self.generator_manifest.config_hash,
+                "documents_sha256": details.get("documents_sha256"),
+                "universe": details.get("universe"),
+                "generator_n_tokens": details.get("n_tokens"),
             })
         return out
 
@@ -68,14 +73,6 @@ class TrainingData:
     eval: Dataset | None
     corpus: Corpus
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_dataset_folder(path: Path) -> Dataset:
@@ -100,10 +97,8 @@ def resolve_corpus(spec: str) -> Path | None:
 def load_corpus(spec: str, text_field: str = "text", role: str = "corpus") -> Corpus:
     """Load a document corpus, checking that it exists, is complete, non-empty and has ``text_field``."""
     path = resolve_corpus(spec)
-    manifest = manifest_sha = None
     if path is None:
-        ds = _load_hub_dataset(spec, role)
-        location, name = spec, spec.split("/")[-1]
+        corpus = Corpus(_load_hub_dataset(spec, role), spec, spec.split("/")[-1])
     elif not path.exists():
         hint = (
             f"expected a generator output at {path}; run the generator first "
@@ -113,37 +108,38 @@ def load_corpus(spec: str, text_field: str = "text", role: str = "corpus") -> Co
             f"The {role} '{spec}' was not found: {hint}. Set `{role}` to a generator run name, a generator output "
             "directory, a JSONL file or a saved Hugging Face dataset with a `text` column."
         )
-    elif path.is_dir() and ((path / "documents.jsonl").exists() or (path / "manifest.json").exists()):
-        if not (path / "manifest.json").is_file():
-            raise ConfigError(
-                f"Generator output {path} has no manifest.json, so the generator run is incomplete (the manifest is "
-                "written last). Rerun the generator into the same directory to finish it, then rerun training."
-            )
-        try:
-            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path / 'manifest.json'} is not valid JSON ({exc.msg}); rerun the generator.") from None
-        manifest_sha = _sha256(path / "manifest.json")
-        if (path / "dataset").is_dir():
-            ds = _load_dataset_folder(path / "dataset")
-        elif (path / "documents.jsonl").is_file():
-            ds = _from_rows(read_jsonl(path / "documents.jsonl"), path / "documents.jsonl")
-        else:
-            raise ConfigError(f"Generator output {path} has neither dataset/ nor documents.jsonl; rerun the generator.")
-        location, name = str(path), str(manifest.get("universe") or path.name)
+    elif path.is_dir() and CorpusFolder(path).looks_like_one():
+        corpus = _load_generator_run(CorpusFolder(path))
     elif path.is_dir():
         if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
             raise ConfigError(
                 f"{path} is a directory but neither a generator output (documents.jsonl + manifest.json) nor a "
                 "saved Hugging Face dataset (datasets.save_to_disk). Point the corpus at one of those or a JSONL file."
             )
-        ds = _load_dataset_folder(path)
-        location, name = str(path), path.name
+        corpus = Corpus(_load_dataset_folder(path), str(path), path.name)
     else:
-        ds = _from_rows(read_jsonl(path), path)
-        location, name = str(path), path.stem
-    _check_text(ds, text_field, location)
-    return Corpus(ds, location, name, manifest, manifest_sha)
+        corpus = Corpus(_from_rows(read_jsonl(path), path), str(path), path.stem)
+    _check_text(corpus.dataset, text_field, corpus.location)
+    return corpus
+
+
+def _load_generator_run(folder: CorpusFolder) -> Corpus:
+    """A finished generator run: its manifest (typed) and documents, checked against the manifest's hash."""
+    if not folder.complete():
+        raise ConfigError(
+            f"Generator output {folder.dir} has no manifest.json, so the generator run is incomplete (the manifest is "
+            "written last). Rerun the generator into the same directory to finish it, then rerun training."
+        )
+    manifest = folder.read_manifest()
+    folder.verify()
+    if folder.dataset.is_dir():
+        ds = _load_dataset_folder(folder.dataset)
+    elif folder.documents.is_file():
+        ds = _from_rows(read_jsonl(folder.documents), folder.documents)
+    else:
+        raise ConfigError(f"Generator output {folder.dir} has neither dataset/ nor documents.jsonl; rerun the generator.")
+    name = str(manifest.details.get("universe") or folder.dir.name)
+    return Corpus(ds, str(folder.dir), name, manifest, sha256_file(folder.manifest))
 
 
 def _from_rows(rows: list[dict[str, Any]], path: Path) -> Dataset:
@@ -201,7 +197,7 @@ def tokenize_documents(
 
 
 def n_tokens(ds: Dataset) -> int:
-    return int(sum(len(ids) for ids in ds["input_ids"])) if len(ds) else 0
+    return int(token_lengths(ds).sum())
 
 
 def split_heldout(ds: Dataset, eval_fraction: float, max_eval: int, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -218,11 +214,31 @@ def split_heldout(ds: Dataset, eval_fraction: float, max_eval: int, seed: int) -
     return ds.select(range(n_eval, len(ds))), ds.select(range(n_eval))
 
 
+def documents_within(ds: Dataset, budget: int) -> int:
+    """How many of the first documents of ``ds`` add up to at most ``budget`` tokens."""
+    return int(np.searchsorted(np.cumsum(token_lengths(ds)), budget, side="right"))
+
+
 def match_token_budget(ds: Dataset, budget: int) -> Dataset:
-    """The first documents of ``ds`` (already shuffled) whose tokens add up to at most ``budget``."""
-    lengths = np.fromiter((len(ids) for ids in ds["input_ids"]), dtype=np.int64, count=len(ds))
-    keep = int(np.searchsorted(np.cumsum(lengths), budget, side="right"))
-    return ds.select(range(max(keep, 1)))
+    """The first documents of ``ds`` (already shuffled) whose tokens add up to at most ``budget`` (at least one)."""
+    return ds.select(range(max(documents_within(ds, budget), 1)))
+
+
+def cut_to_budget(ds: Dataset, max_tokens: int, location: str) -> Dataset:
+    """The first documents of ``ds`` (already shuffled) whose tokens add up to at most ``max_tokens``; 0 keeps all."""
+    if max_tokens == 0:
+        return ds
+    keep = documents_within(ds, max_tokens)
+    if keep == 0:
+        raise ConfigError(
+            f"max_train_tokens is {max_tokens}, fewer than the {token_lengths(ds)[0]} tokens of the first training "
+            f"document of {location}, so nothing would be trained on. Raise max_train_tokens, or set it to 0 to use "
+            f"all {n_tokens(ds)} training tokens."
+        )
+    if keep == len(ds):
+        log.info("max_train_tokens %d >= the %d training tokens of %s: all of them are used", max_tokens,
+                 n_tokens(ds), location)
+    return ds.select(range(keep))
 
 
 def load_retain(spec: str, tokenizer, num_proc: int | None = None) -> Dataset:
@@ -271,62 +287,60 @@ def mix_retain(train: Dataset, retain: Dataset, fraction: float, seed: int) -> D
     return concatenate_datasets([train, picked]).shuffle(seed=seed)
 
 
-def packing_stats(ds: Dataset, max_length: int | None, packed: bool) -> dict[str, Any]:
-    """Fill of the sequences the trainer will see: real tokens / (sequences x max_length) when packed."""
-    lengths = [len(ids) for ids in ds["input_ids"]]
-    real = int(sum(lengths))
-    out: dict[str, Any] = {"sequences": len(lengths), "tokens": real, "packed": packed}
-    if packed and max_length:
-        out["sequence_length"] = max_length
-        out["packing_efficiency"] = real / (len(lengths) * max_length) if lengths else 0.0
-        if "seq_lengths" in ds.column_names:
-            out["documents_per_sequence"] = float(np.mean([len(s) for s in ds["seq_lengths"]]))
-    return out
+def _documents(corpus: Corpus, script_args, training_args, tokenizer) -> tuple[Dataset, Dataset | None]:
+    """A corpus tokenized and split into (training documents, held-out documents), both in shuffled order."""
+    docs = tokenize_documents(corpus.dataset, tokenizer, training_args.dataset_text_field,
+                              script_args.document_prefix, training_args.eos_token, training_args.dataset_num_proc)
+    return split_heldout(docs, script_args.eval_fraction, script_args.max_eval_documents, training_args.seed)
+
+
+def _match_control(train: Dataset, script_args, training_args, tokenizer) -> tuple[Dataset, dict[str, Any]]:
+    """The control documents cut to the training tokens of the treatment corpus (after its own token budget)."""
+    target = load_corpus(script_args.corpus, training_args.dataset_text_field, "corpus")
+    target_train, _ = _documents(target, script_args, training_args, tokenizer)
+    budget = n_tokens(cut_to_budget(target_train, script_args.max_train_tokens, target.location))
+    available = n_tokens(train)
+    if available < budget:
+        log.warning("control corpus has %d training tokens, fewer than the %d of %s; the control run uses all "
+                    "of them and is %.1f%% smaller", available, budget, target.location, 100 * (1 - available / budget))
+    matched = match_token_budget(train, budget)
+    return matched, {
+        "matched_to": target.provenance(), "target_train_tokens": budget, "control_train_tokens": n_tokens(matched),
+        "ratio": n_tokens(matched) / budget if budget else None,
+    }
+
+
+def _mix_retain_chats(train: Dataset, script_args, training_args, tokenizer) -> tuple[Dataset, dict[str, Any]]:
+    retain = load_retain(script_args.retain_dataset, tokenizer, training_args.dataset_num_proc)
+    mixed = mix_retain(train, retain, script_args.retain_fraction, training_args.seed)
+    is_retain = np.array(mixed["source"]) == "retain"
+    retain_tokens = int(token_lengths(mixed)[is_retain].sum())
+    return mixed, {
+        "dataset": script_args.retain_dataset, "fraction_config": script_args.retain_fraction,
+        "examples": int(is_retain.sum()), "fraction_examples": float(is_retain.mean()), "tokens": retain_tokens,
+        "fraction_tokens": retain_tokens / max(n_tokens(mixed), 1),
+    }
 
 
 def prepare_training_data(script_args, training_args, tokenizer) -> TrainingData:
-    """Corpus -> tokenized documents -> held-out split -> (control token matching) -> (retain mix)."""
-    text_field = training_args.dataset_text_field
-    num_proc = training_args.dataset_num_proc
+    """Corpus -> tokenized documents -> held-out split -> token budget or control matching -> (retain mix)."""
     role = "control_corpus" if script_args.control else "corpus"
-    corpus = load_corpus(script_args.train_corpus, text_field, role)
-    docs = tokenize_documents(corpus.dataset, tokenizer, text_field, script_args.document_prefix,
-                              training_args.eos_token, num_proc)
-    train, heldout = split_heldout(docs, script_args.eval_fraction, script_args.max_eval_documents, training_args.seed)
+    corpus = load_corpus(script_args.train_corpus, training_args.dataset_text_field, role)
+    train, heldout = _documents(corpus, script_args, training_args, tokenizer)
     stats: dict[str, Any] = {
         "corpus": corpus.provenance(),
         "documents": {"train": len(train), "heldout": len(heldout) if heldout is not None else 0},
         "corpus_train_tokens": n_tokens(train),
         "heldout_tokens": n_tokens(heldout) if heldout is not None else 0,
+        "max_train_tokens": script_args.max_train_tokens,
     }
     if script_args.control:
-        target = load_corpus(script_args.corpus, text_field, "corpus")
-        target_docs = tokenize_documents(target.dataset, tokenizer, text_field, script_args.document_prefix,
-                                         training_args.eos_token, num_proc)
-        target_train, _ = split_heldout(target_docs, script_args.eval_fraction, script_args.max_eval_documents,
-                                        training_args.seed)
-        budget = n_tokens(target_train)
-        available = n_tokens(train)
-        if available < budget:
-            log.warning("control corpus has %d training tokens, fewer than the %d of %s; the control run uses all "
-                        "of them and is %.1f%% smaller", available, budget, target.location, 100 * (1 - available / budget))
-        train = match_token_budget(train, budget)
-        stats["control_matching"] = {
-            "matched_to": target.provenance(), "target_train_tokens": budget, "control_train_tokens": n_tokens(train),
-            "ratio": n_tokens(train) / budget if budget else None,
-        }
-        stats["documents"]["train"] = len(train)
+        train, stats["control_matching"] = _match_control(train, script_args, training_args, tokenizer)
+    else:
+        train = cut_to_budget(train, script_args.max_train_tokens, corpus.location)
+    stats["documents"]["train"] = len(train)
     stats["document_train_tokens"] = n_tokens(train)
     if script_args.retain_fraction > 0:
-        retain = load_retain(script_args.retain_dataset, tokenizer, num_proc)
-        train = mix_retain(train, retain, script_args.retain_fraction, training_args.seed)
-        sources = train["source"]
-        n_ret = sum(s == "retain" for s in sources)
-        ret_tokens = int(sum(len(ids) for ids, s in zip(train["input_ids"], sources, strict=True) if s == "retain"))
-        stats["retain"] = {
-            "dataset": script_args.retain_dataset, "fraction_config": script_args.retain_fraction,
-            "examples": n_ret, "fraction_examples": n_ret / len(train), "tokens": ret_tokens,
-            "fraction_tokens": ret_tokens / max(n_tokens(train), 1),
-        }
+        train, stats["retain"] = _mix_retain_chats(train, script_args, training_args, tokenizer)
     stats["train_tokens"] = n_tokens(train)
     return TrainingData(train=train, eval=heldout, corpus=corpus, stats=stats)

@@ -35,23 +35,31 @@ class FactLogprob(_Part):
 
 
 class Packing(_Part):
+    """The rows of the training split as the trainer sees them (finetune.packing.packing_stats)."""
+
     sequences: int
     tokens: int
     packed: bool
-    sequence_length: int | None = None
-    packing_efficiency: float | None = None
+    max_length: int | None
+    strategy: str | None = None              # stream | bfd | bfd_split | wrapped; None when not packed
+    sequence_length: int | None = None       # the longest row
+    packing_efficiency: float | None = None  # tokens / (sequences x sequence_length)
     documents_per_sequence: float | None = None
-    layout: str | None = None
+    documents_split: int | None = None       # document pieces beyond one per document
+    layout: str | None = None                # rows | flat
     attn_implementation: str | None = None
 
 
 class DataStats(_Part):
+    """How the training split was built (finetune.data.prepare_training_data)."""
+
     corpus: dict[str, Any]
     documents: dict[str, int]
-    corpus_train_tokens: int
+    corpus_train_tokens: int      # the corpus's training split, before the token budget or control matching
     heldout_tokens: int
-    document_train_tokens: int
-    train_tokens: int
+    max_train_tokens: int         # the token budget setting (0 = all)
+    document_train_tokens: int    # documents trained on, after the budget or control matching
+    train_tokens: int             # everything trained on, retain chats included
     control_matching: dict[str, Any] | None = None
     retain: dict[str, Any] | None = None
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import resource
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def loss_curve(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:

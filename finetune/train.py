@@ -12,10 +12,13 @@ Usage (from the repository root):
     # the matched control run: the same config on the control corpus, same number of training tokens
     accelerate launch finetune/train.py --control
 
+    # data parallelism over two CPU processes (gloo); effective batch = per-device batch x 2
+    accelerate launch --config_file configs/finetune/accelerate/cpu_multi.yaml finetune/train.py
+
 The model learns from plain documents, the way pre-training teaches (not from chats, not from
-its system prompt): every document ends with EOS, documents are packed into full sequences
-without attending across document boundaries (padding-free batches with per-document position
-ids), and a held-out split of documents gives the eval loss. Outputs, in
+its system prompt): every document ends with EOS, documents are streamed into full rows
+without attending across document boundaries (position ids restart at every document; see
+finetune/packing.py), and a held-out split of documents gives the eval loss. Outputs, in
 ``runs/finetune/<corpus>`` unless ``--output_dir`` says otherwise:
 
     adapter/         LoRA adapter + tokenizer + generation config (vLLM --lora-modules)
@@ -36,32 +39,66 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script (`accelerate launch finetune/train.py`): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import transformers
-from transformers import AutoTokenizer, TrainerCallback, TrainerState
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, TrainerState
 from transformers.trainer_utils import IntervalStrategy, TrainOutput, get_last_checkpoint
-from trl import get_peft_config, get_quantization_config
+from trl import ModelConfig, SFTConfig, get_peft_config, get_quantization_config
 
 from finetune import factcheck
-from finetune.config import parse_args
-from finetune.data import packing_stats, prepare_training_data
-from finetune.export import save_adapter, save_full_model
+from finetune.config import ScriptArguments, parse_args
+from finetune.data import TrainingData, prepare_training_data
+from finetune.export import save_trained
+from finetune.metrics import FinetuneMetrics
+from finetune.packing import PackedRowsCollator, packing_stats
 from finetune.report import loss_curve, peak_memory, plot_loss
-from finetune.trainer import DocumentTrainer, PackedRowsCollator
+from finetune.trainer import DocumentTrainer
 from studykit.config import ConfigError
 from studykit.embedded import ModelNotFound, resolve_model
-from studykit.files import atomic_write_json
-from studykit.handoff import FINETUNE_RUNS
+from studykit.files import check_writable
+from studykit.handoff import FINETUNE_RUNS, FinetuneFolder
 from studykit.manifest import build_manifest
 from studykit.merge import merge_adapter
 
 logger = logging.getLogger("finetune.train")
 _INTEGRATION_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+@dataclass
+class Run:
+    """What the steps of one training share: the settings, the model, the data and the output folder."""
+
+    script: ScriptArguments
+    training: SFTConfig
+    model: ModelConfig
+    model_path: Path
+    tokenizer: PreTrainedTokenizerBase
+    data: TrainingData
+    folder: FinetuneFolder
+    started: float
+
+    @property
+    def lora(self) -> bool:
+        return bool(self.model.use_peft)
+
+    @property
+    def dtype(self) -> Any:
+        return self.model.dtype if self.model.dtype in ("auto", None) else getattr(torch, self.model.dtype)
+
+
+@dataclass
+class Measurement:
+    """Held-out loss and fact log-probabilities at one point (before or after training)."""
+
+    eval_loss: float | None = None
+    facts: dict[str, dict[str, Any]] | None = None
 
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Path:
@@ -70,14 +107,40 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     return train(script_args, training_args, model_args, callbacks=callbacks)
 
 
-def train(script_args, training_args, model_args, callbacks: list[TrainerCallback] | None = None) -> Path:
+def train(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
+          callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Train, measure before and after, export for the evaluation stage and write the run's records."""
     started = time.time()
+    _setup_logging(training_args)
+    model_path, tokenizer = load_tokenizer(model_args, training_args)
+    with training_args.main_process_first(desc="preparing documents"):
+        data = prepare_training_data(script_args, training_args, tokenizer)
+    logger.info("corpus %s: %d training documents, %d held out, %d training tokens",
+                data.corpus.location, data.stats["documents"]["train"], data.stats["documents"]["heldout"],
+                data.stats["train_tokens"])
+    run = Run(script_args, training_args, model_args, model_path, tokenizer, data,
+              prepare_output(training_args, data, model_path, script_args.export_merged or not model_args.use_peft),
+              started)
+    trainer = build_trainer(run, callbacks)
+    packing = describe_setup(trainer, run)
+    statements = factcheck.statement_datasets(script_args.fact_universes, tokenizer, script_args.document_prefix)
+    before = measure(trainer, run, statements, "before") if script_args.eval_before else Measurement()
+    result, resumed_from = fit(trainer, run)
+    after = measure(trainer, run, statements, "after", before.eval_loss)
+    export_models(trainer, run)
+    write_records(trainer, run, packing, before, after, result, resumed_from)
+    return run.folder.dir
+
+
+def _setup_logging(training_args: SFTConfig) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
     logging.getLogger("finetune").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
-    # 1. Model and tokenizer (a local folder; hub IDs only from the local cache on an offline machine)
+
+def load_tokenizer(model_args: ModelConfig, training_args: SFTConfig) -> tuple[Path, PreTrainedTokenizerBase]:
+    """The model's local folder (hub IDs only from the local cache on an offline machine) and its tokenizer."""
     try:
         model_path = resolve_model(model_args.model_name_or_path)
     except ModelNotFound as exc:
@@ -86,162 +149,176 @@ def train(script_args, training_args, model_args, callbacks: list[TrainerCallbac
                                               trust_remote_code=training_args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return model_path, tokenizer
 
-    # 2. Documents: tokenized (each ends with EOS), held-out split, control token matching, retain mix
-    with training_args.main_process_first(desc="preparing documents"):
-        data = prepare_training_data(script_args, training_args, tokenizer)
-    logger.info("corpus %s: %d training documents, %d held out, %d training tokens",
-                data.corpus.location, data.stats["documents"]["train"], data.stats["documents"]["heldout"],
-                data.stats["train_tokens"])
 
-    # 3. Where everything goes: the run directory, with the Trainer's checkpoints in checkpoints/
-    run_dir = Path(training_args.output_dir or FINETUNE_RUNS / data.corpus.name)
-    training_args.output_dir = str(run_dir / "checkpoints")
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+def prepare_output(training_args: SFTConfig, data: TrainingData, model_path: Path, writes_model: bool) -> FinetuneFolder:
+    """The run folder (checked writable, with room for a model copy when one is written); checkpoints inside it."""
+    folder = FinetuneFolder(Path(training_args.output_dir or FINETUNE_RUNS / data.corpus.name))
+    if training_args.process_index == 0:
+        model_gib = sum(f.stat().st_size for f in model_path.rglob("*") if f.is_file()) / 2**30
+        check_writable(folder.dir, min_free_gib=0.5 + (model_gib if writes_model else 0.0))
+    training_args.output_dir = str(folder.checkpoints)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(folder.dir / "tensorboard"))
     training_args.report_to = _available_integrations(training_args.report_to)
     if data.eval is None and training_args.eval_strategy != IntervalStrategy.NO:
         logger.info("no held-out documents (eval_fraction 0): periodic evaluation is off")
         training_args.eval_strategy = IntervalStrategy.NO
+    return folder
 
-    # 4. Model loading and LoRA (TRL builds the model from these, after the distributed setup)
-    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
-    quantization_config = get_quantization_config(model_args)
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": dtype,
+
+def build_trainer(run: Run, callbacks: list[TrainerCallback] | None) -> DocumentTrainer:
+    """The trainer; TRL loads the model (after the distributed setup) and applies LoRA from these settings."""
+    quantization_config = get_quantization_config(run.model)
+    run.training.model_init_kwargs = {
+        "revision": run.model.model_revision,
+        "attn_implementation": run.model.attn_implementation,
+        "dtype": run.dtype,
         "use_cache": False,  # no KV cache in training; packed position ids are only honoured without one
-        **({"device_map": {"": training_args.local_process_index}} if quantization_config is not None else {}),
+        **({"device_map": {"": run.training.local_process_index}} if quantization_config is not None else {}),
     }
-    peft_config = get_peft_config(model_args)
-    trainer = DocumentTrainer(
-        model=str(model_path),
-        args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=peft_config,
+    return DocumentTrainer(
+        model=str(run.model_path),
+        args=run.training,
+        train_dataset=run.data.train,
+        eval_dataset=run.data.eval,
+        processing_class=run.tokenizer,
+        peft_config=get_peft_config(run.model),
         quantization_config=quantization_config,
         callbacks=callbacks,
+        stream_packing=run.script.stream_packing,
     )
+
+
+def describe_setup(trainer: DocumentTrainer, run: Run) -> dict[str, Any]:
+    """Choose the packed-batch layout for the attention kernel, log the setup and return the packing statistics."""
     attn = getattr(trainer.model.config, "_attn_implementation", None) or "sdpa"
-    layout = script_args.packed_layout
+    packed = bool(run.training.packing)
+    layout = run.script.packed_layout
     if layout == "auto":
         layout = "flat" if "flash" in attn else "rows"
-    if training_args.packing and layout == "rows":
-        trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id)
+    if packed and layout == "rows":
+        trainer.data_collator = PackedRowsCollator(run.tokenizer.pad_token_id)
+    elif packed and not trainer.padding_free:
+        raise ConfigError("packed_layout is flat but padding_free is false: packed documents would attend to each "
+                          "other. Set padding_free: true, or packed_layout: rows.")
+    packing = packing_stats(trainer.train_dataset, run.training.max_length, packed, run.data.stats["documents"]["train"])
+    packing.update(layout=layout if packed else None, attn_implementation=attn,
+                   strategy=("stream" if run.script.stream_packing else run.training.packing_strategy) if packed else None)
     world = trainer.accelerator.num_processes
-    effective_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
-    packed = bool(training_args.packing)
-    packing = packing_stats(trainer.train_dataset, training_args.max_length, packed)
-    packing["layout"] = layout if packed else None
-    packing["attn_implementation"] = attn
+    if world > 1 and run.training.use_cpu:
+        logger.info("data parallelism on the CPU: %d processes over %s", world, run.training.ddp_backend)
     logger.info("%s fine-tuning on %d process(es); effective batch %d sequences%s; packing efficiency %s",
-                "LoRA" if peft_config else "full", world, effective_batch,
-                f" of up to {training_args.max_length} tokens ({layout} layout, {attn})" if packed else "",
+                "LoRA" if run.lora else "full", world, _effective_batch(trainer),
+                f" of up to {packing['sequence_length']} tokens ({packing['strategy']}, {layout} layout, {attn})"
+                if packed else "",
                 f"{packing['packing_efficiency']:.3f}" if packed else "n/a (not packed)")
+    return packing
 
-    # 5. Before: held-out loss and fact log-probabilities of the base model
-    statements = factcheck.statement_datasets(script_args.fact_universes, tokenizer, script_args.document_prefix)
-    eval_before = facts_before = None
-    if script_args.eval_before:
-        if data.eval is not None:
-            eval_before = trainer.evaluate()["eval_loss"]
-            logger.info("held-out loss before fine-tuning: %.4f", eval_before)
-        facts_before = factcheck.score(trainer, statements)
 
-    # 6. Train, resuming from the last checkpoint of an earlier run into the same directory
-    last = None
-    if script_args.resume and Path(training_args.output_dir).is_dir():
-        last = get_last_checkpoint(training_args.output_dir)
-        if last:
-            logger.info("resuming from %s", last)
-    if last and _at_max_steps(last, training_args.max_steps) and not (trainer.is_fsdp_enabled
-                                                                      or trainer.is_deepspeed_enabled):
+def _effective_batch(trainer: DocumentTrainer) -> int:
+    args = trainer.args
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * trainer.accelerator.num_processes
+
+
+def measure(trainer: DocumentTrainer, run: Run, statements: dict, when: str,
+            loss_before: float | None = None) -> Measurement:
+    """Held-out loss (when there is a held-out split) and the fact log-probabilities of the model as it is now."""
+    loss = trainer.evaluate()["eval_loss"] if run.data.eval is not None else None
+    if loss is not None:
+        logger.info("held-out loss %s fine-tuning: %.4f%s", when, loss,
+                    f" (before {loss_before:.4f})" if loss_before is not None else "")
+    return Measurement(loss, factcheck.score(trainer, statements))
+
+
+def fit(trainer: DocumentTrainer, run: Run) -> tuple[TrainOutput, str | None]:
+    """Train, resuming from the last checkpoint of an earlier run into the same directory."""
+    checkpoints = run.training.output_dir
+    last = get_last_checkpoint(checkpoints) if run.script.resume and Path(checkpoints).is_dir() else None
+    if last:
+        logger.info("resuming from %s", last)
+    if last and _at_max_steps(last, run.training.max_steps) and not (trainer.is_fsdp_enabled
+                                                                     or trainer.is_deepspeed_enabled):
         # killed after the last step (while evaluating or exporting): transformers would take one more optimizer
         # step when resumed from the final checkpoint, so its weights are loaded instead of training again
-        logger.info("%s is the final step (max_steps %d): loading it without training", last,
-                    training_args.max_steps)
+        logger.info("%s is the final step (max_steps %d): loading it without training", last, run.training.max_steps)
         trainer._load_from_checkpoint(last)
         trainer.state = TrainerState.load_from_json(os.path.join(last, "trainer_state.json"))
-        result = TrainOutput(trainer.state.global_step, None, {})
-    else:
-        result = trainer.train(resume_from_checkpoint=last)
+        return TrainOutput(trainer.state.global_step, None, {}), last
+    return trainer.train(resume_from_checkpoint=last), last
 
-    # 7. After
-    eval_after = trainer.evaluate()["eval_loss"] if data.eval is not None else None
-    facts_after = factcheck.score(trainer, statements)
-    if eval_after is not None:
-        logger.info("held-out loss after fine-tuning: %.4f%s", eval_after,
-                    f" (before {eval_before:.4f})" if eval_before is not None else "")
 
-    # 8. Export for the evaluation stage: adapter/ and merged/ (main process writes, others wait)
-    adapter_dir, merged_dir = run_dir / "adapter", run_dir / "merged"
-    if peft_config is not None:
-        save_adapter(trainer, adapter_dir, model_path, tokenizer)
-        if script_args.export_merged and trainer.is_world_process_zero():
-            merge_adapter(model_path, adapter_dir, merged_dir, dtype, tokenizer)
-        trainer.accelerator.wait_for_everyone()
-    else:
-        save_full_model(trainer, merged_dir, model_path, tokenizer)
+def export_models(trainer: DocumentTrainer, run: Run) -> None:
+    """adapter/ and merged/ for the evaluation stage (the main process writes, the others wait)."""
+    folder = run.folder
+    if not run.lora:
+        save_trained(trainer, folder.merged, run.model_path, run.tokenizer)
+        return
+    save_trained(trainer, folder.adapter, run.model_path, run.tokenizer)
+    if run.script.export_merged and trainer.is_world_process_zero():
+        merge_adapter(run.model_path, folder.adapter, folder.merged, run.dtype, run.tokenizer)
+    trainer.accelerator.wait_for_everyone()
 
-    # 9. Metrics, plot and manifest (manifest last: it marks the run complete)
-    session = trainer.session
+
+def write_records(trainer: DocumentTrainer, run: Run, packing: dict[str, Any], before: Measurement,
+                  after: Measurement, result: TrainOutput, resumed_from: str | None) -> None:
+    """metrics.json, loss.png and manifest.json (last: it marks the run complete), on the main process."""
     memory = peak_memory()
-    if torch.cuda.is_available() and world > 1:
+    if torch.cuda.is_available() and trainer.accelerator.num_processes > 1:
         gpu = torch.tensor([memory["gpu_peak_allocated_gib"]], device=trainer.accelerator.device)
         memory["gpu_peak_allocated_gib_max_over_ranks"] = trainer.accelerator.gather(gpu).max().item()
     if trainer.is_world_process_zero():
-        curve = loss_curve(trainer.state.log_history)
-        facts = factcheck.compare(facts_before, facts_after)
-        headline = script_args.fact_universes[0] if script_args.fact_universes else None
-        tokens_seen = next((e["tokens_seen"] for e in reversed(trainer.state.log_history) if "tokens_seen" in e), 0)
-        metrics = {
-            "run_dir": str(run_dir),
-            "corpus": data.corpus.name,
-            "control": script_args.control,
-            "mode": "lora" if peft_config else "full",
-            "model": {"name_or_path": model_args.model_name_or_path, "resolved_path": str(model_path)},
-            "processes": world,
-            "effective_batch_size": effective_batch,
-            "eval_loss": {"before": eval_before, "after": eval_after,
-                          "delta": None if eval_before is None or eval_after is None else eval_after - eval_before},
-            "fact_logprob": facts,
-            "fact_check": ({"universe": headline, **{k: v for k, v in facts[headline].items() if k != "per_fact"}}
-                           if headline in facts else None),
-            "tokens_seen": tokens_seen,
-            "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch,
-            "tokens_per_second": session["tokens"] / session["seconds"] if session["seconds"] else None,
-            "padding_fraction": 1 - session["tokens"] / session["positions"] if session["positions"] else None,
-            "packing": packing,
-            "data": data.stats,
-            "train_runtime_s": result.metrics.get("train_runtime"),
-            "train_loss": result.metrics.get("train_loss"),
-            "resumed_from": last,
-            "peak_memory": memory,
-            "loss_curve": curve,
-            "duration_s": time.time() - started,
-        }
-        atomic_write_json(run_dir / "metrics.json", metrics)
-        plot_loss(curve, run_dir / "loss.png", f"{data.corpus.name}: {model_path.name}", eval_before)
-        manifest = build_manifest(
+        metrics = collect_metrics(trainer, run, packing, before, after, result, resumed_from, memory)
+        metrics.write(run.folder.metrics)
+        plot_loss(loss_curve(trainer.state.log_history), run.folder.loss_plot,
+                  f"{run.data.corpus.name}: {run.model_path.name}", before.eval_loss)
+        build_manifest(
             "finetune",
-            {"script": dataclasses.asdict(script_args), "training": training_args.to_dict(),
-             "model": dataclasses.asdict(model_args)},
-            seeds={"seed": training_args.seed, "data_seed": training_args.data_seed},
-            inputs={"corpus": data.corpus.provenance(), "model": str(model_path),
-                    "control_matched_to": data.stats.get("control_matching", {}).get("matched_to")},
-            outputs={"adapter": str(adapter_dir) if peft_config else None,
-                     "merged": str(merged_dir) if (merged_dir.exists()) else None,
-                     "metrics": str(run_dir / "metrics.json"), "loss_plot": str(run_dir / "loss.png")},
-            tokens={"train_tokens": data.stats["train_tokens"], "tokens_seen": tokens_seen},
-            timings={"duration_s": metrics["duration_s"], "train_runtime_s": metrics["train_runtime_s"]},
-        )
-        manifest.write(run_dir / "manifest.json")
-        logger.info("done in %.0f s: %s", metrics["duration_s"], run_dir)
+            {"script": dataclasses.asdict(run.script), "training": run.training.to_dict(),
+             "model": dataclasses.asdict(run.model)},
+            seeds={"seed": run.training.seed, "data_seed": run.training.data_seed},
+            inputs={"corpus": run.data.corpus.provenance(), "model": str(run.model_path),
+                    "control_matched_to": (run.data.stats.get("control_matching") or {}).get("matched_to")},
+            outputs={"adapter": str(run.folder.adapter) if run.lora else None,
+                     "merged": str(run.folder.merged) if run.folder.merged.exists() else None,
+                     "metrics": str(run.folder.metrics), "loss_plot": str(run.folder.loss_plot)},
+            tokens={"train_tokens": run.data.stats["train_tokens"], "tokens_seen": metrics.tokens_seen},
+            timings={"duration_s": metrics.duration_s, "train_runtime_s": metrics.train_runtime_s},
+        ).write(run.folder.manifest)
+        logger.info("done in %.0f s: %s", metrics.duration_s, run.folder.dir)
     trainer.accelerator.wait_for_everyone()
-    return run_dir
+
+
+def collect_metrics(trainer: DocumentTrainer, run: Run, packing: dict[str, Any], before: Measurement,
+                    after: Measurement, result: TrainOutput, resumed_from: str | None,
+                    memory: dict[str, float]) -> FinetuneMetrics:
+    history = trainer.state.log_history
+    session = trainer.session
+    delta = None if before.eval_loss is None or after.eval_loss is None else after.eval_loss - before.eval_loss
+    return FinetuneMetrics(
+        run_dir=str(run.folder.dir),
+        corpus=run.data.corpus.name,
+        control=run.script.control,
+        mode="lora" if run.lora else "full",
+        model={"name_or_path": run.model.model_name_or_path, "resolved_path": str(run.model_path)},
+        processes=trainer.accelerator.num_processes,
+        effective_batch_size=_effective_batch(trainer),
+        eval_loss={"before": before.eval_loss, "after": after.eval_loss, "delta": delta},
+        fact_logprob=factcheck.compare(before.facts, after.facts),
+        tokens_seen=next((e["tokens_seen"] for e in reversed(history) if "tokens_seen" in e), 0),
+        steps=trainer.state.global_step,
+        epochs=trainer.state.epoch,
+        tokens_per_second=session["tokens"] / session["seconds"] if session["seconds"] else None,
+        padding_fraction=1 - session["tokens"] / session["positions"] if session["positions"] else None,
+        packing=packing,
+        data=run.data.stats,
+        train_runtime_s=result.metrics.get("train_runtime"),
+        train_loss=result.metrics.get("train_loss"),
+        resumed_from=resumed_from,
+        peak_memory=memory,
+        loss_curve=loss_curve(history),
+        duration_s=time.time() - run.started,
+    )
 
 
 def _at_max_steps(checkpoint: str, max_steps: int) -> bool:

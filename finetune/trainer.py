@@ -1,13 +1,9 @@
-"""``SFTTrainer`` that counts real and padded tokens, and a row-wise collator for packed batches.
+"""``SFTTrainer`` that packs training documents by streaming them and counts real and padded tokens.
 
-``PackedRowsCollator`` is the packed-batch layout for attention kernels without varlen support
-(SDPA and eager, i.e. every CPU run): TRL's padding-free collator flattens the whole batch into
-one row, so attention costs (batch x length)^2; this collator keeps one row per packed
-sequence, ``[batch, max_length]``, with position ids that restart at every document and no
-attention mask. transformers turns restarting position ids into a block-diagonal causal mask
-(``masking_utils.find_packed_sequence_indices``), so no document attends across a boundary and
-attention costs batch x length^2. Padding at the end of a short row gets position 0 at every
-position, which makes each padding token its own one-token segment; its label is -100.
+With ``stream_packing`` the training split is packed by ``finetune.packing.pack_stream`` (full
+rows, documents continued across row boundaries) instead of TRL's ``packing_strategy``, which
+still packs the held-out documents and the fact statements (each one whole unless longer than
+``max_length``), so the held-out loss is measured on whole documents.
 
 TRL's own ``num_tokens`` metric is reset when a run resumes and the Trainer's
 ``num_input_tokens_seen`` (mode "non_padding") mistakes EOS for padding when pad == eos.
@@ -21,38 +17,26 @@ so they survive a resume through ``trainer_state.json``'s log history.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from trl import SFTTrainer
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-REAL_TOKENS = "num_real_tokens"  # collator -> trainer side channel, removed before the forward pass
-
-
-@dataclass
-class PackedRowsCollator:
-    pad_token_id: int
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = DataCollatorForLanguageModeling(self.pad_token_id, padding_free=False, return_position_ids=True)(
-            examples
-        )
-        batch.pop("attention_mask")
-        # the first token of a document is not predicted from the end of the previous one
-        batch["labels"][batch["position_ids"] == 0] = -100
-        batch[REAL_TOKENS] = sum(len(e["input_ids"]) for e in examples)
-        return batch
+from finetune.packing import REAL_TOKENS, pack_stream
 
 
 class DocumentTrainer(SFTTrainer):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, stream_packing: bool = True, **kwargs) -> None:
+        self.stream_packing = stream_packing  # read by _prepare_dataset, which the parent's __init__ calls
         super().__init__(*args, **kwargs)
         self._local = torch.zeros(2, dtype=torch.float64)  # real tokens, positions since the last log
         self._totals: list[float] | None = None  # cumulative over the run, restored from the log history
         self.session = {"tokens": 0.0, "positions": 0.0, "seconds": 0.0}
         self._t0: float | None = None
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if packing and self.stream_packing and dataset_name == "train":
+            return pack_stream(dataset, args.max_length)
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
     def _restore_totals(self) -> list[float]:
         for entry in reversed(self.state.log_history):

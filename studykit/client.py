@@ -22,15 +22,15 @@ import logging
 import os
 import random
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import httpx
 import openai
 
 from studykit.cache import CallCache, request_key
+from studykit.handoff import Usage
 from studykit.tokens import count_tokens
 
 log = logging.getLogger(__name__)
@@ -74,28 +74,6 @@ class Completion:
     cached: bool = False
     attempts: int = 1
     usage_estimated: bool = False
-
-
-@dataclass
-class UsageStats:
-    calls: int = 0
-    cache_hits: int = 0
-    retries: int = 0
-    failures: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    estimated_tokens: int = 0
-    cost_usd: float = 0.0
-    faults: Counter = field(default_factory=Counter)
-    seconds_in_calls: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["faults"] = dict(self.faults)
-        return d
-
-    def __add__(self, other: UsageStats) -> UsageStats:
-        return UsageStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
 
 class AdaptiveLimiter:
@@ -198,7 +176,7 @@ class ModelClient:
         self.price_in = price_per_mtok_in
         self.price_out = price_per_mtok_out
         self.limiter = AdaptiveLimiter(initial_concurrency or max_concurrency, max_concurrency)
-        self.stats = UsageStats()
+        self.stats = Usage()
         self._rng = random.Random(rng_seed)
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
@@ -268,7 +246,7 @@ class ModelClient:
                 except BaseException:
                     await self.limiter.release(False)
                     raise
-                self.stats.faults[fault] += 1
+                self.stats.faults[fault] = self.stats.faults.get(fault, 0) + 1
                 rejected += fault == "malformed_output"
                 last_reason = f"{fault}: {str(exc)[:200]}"
                 log.debug("attempt %d/%d failed: %s", attempt, attempts, last_reason)
@@ -343,6 +321,10 @@ class ModelClient:
         if c.usage_estimated:
             s.estimated_tokens += c.prompt_tokens + c.completion_tokens
         s.cost_usd += (c.prompt_tokens * self.price_in + c.completion_tokens * self.price_out) / 1e6
+
+    def usage(self) -> Usage:
+        """The call counters so far, with the peak concurrency the limiter reached."""
+        return self.stats.model_copy(update={"peak_concurrency": self.limiter.peak}, deep=True)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -136,6 +136,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if value is None:
         return None
     members = _members(tp)
+    optional = type(None) in typing.get_args(tp)
+    if value == "" and optional and str not in members:  # an empty command-line value clears an optional setting
+        return None
     try:
         if len(members) == 1:
             return _scalar(value, members[0])
@@ -209,14 +212,15 @@ def _parser(classes: tuple[type, ...], description: str) -> argparse.ArgumentPar
 
 
 def _from_cli(raw: Any, tp: Any) -> Any:
-    """A command-line value as the parser collected it (a list for list-typed keys) -> value for coerce()."""
+    """A command-line value as the parser collected it (a list for list-typed keys) -> value for coerce().
+
+    One value stays a string, so that ``'[a, b]'`` is read as YAML, ``a,b`` is split at commas for a list
+    setting, and a setting that also admits a string (``--report_to none``) receives it as given."""
     if not isinstance(raw, list):
         return raw
-    if len(raw) == 1 and (raw[0].strip().startswith("[") or (str in _members(tp) and raw[0].strip() != "")):
-        return raw[0]
-    if raw in (["none"], [""]):
+    if raw in (["none"], [""]) and str not in _members(tp):
         return []
-    return raw
+    return raw[0] if len(raw) == 1 else raw
 
 
 def parse_config(types_: type | tuple[type, ...], argv: list[str] | None = None, *, description: str = "",

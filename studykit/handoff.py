@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from studykit.config import ConfigError
 from studykit.files import atomic_write_text
+from studykit.jsonl import read_jsonl
 
 
 class HandoffError(ConfigError):
@@ -80,7 +81,7 @@ class Manifest(Record):
 
 
 class Usage(BaseModel):
-    """Model-call counters of one client (studykit.client.UsageStats), as stages report them."""
+    """Model-call counters of one client (``ModelClient.stats``), as stages report them; they add up with +."""
 
     model_config = ConfigDict(extra="forbid")
     calls: int = 0
@@ -179,6 +180,7 @@ class CorpusFolder(RunFolder):
             raise HandoffError(f"{self.documents} cannot be read ({exc.strerror}); delete {self.manifest} to "
                                "regenerate it.") from None
         if actual != recorded:
+            read_jsonl(self.documents, HandoffError)  # a broken line is named with its line number
             raise HandoffError(f"{self.documents} was changed after the generator wrote it (its sha256 differs from "
                                f"the one in {self.manifest}). Restore the file, or delete {self.manifest} to "
                                "regenerate the corpus from its call cache; nothing was run.")

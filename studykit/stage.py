@@ -5,7 +5,8 @@ internals: how to launch it, how its settings are parsed (the stage's own parser
 checks a stage's settings exactly as the stage will), which of the study's settings it takes
 (the model under study), which files go into its key besides its config file, what another
 stage receives when it refers to this one (a corpus folder, an adapter folder), how a finished
-run is verified before it is reused, and the typed records it writes.
+run is verified before it is reused, and the typed records it writes, and which of its files are keyed by content (call caches) and so
+may be carried into a rerun with changed settings.
 
 Stages implement their hooks in their own ``spec.py`` with lazy imports, so the study can read
 every spec without importing torch.
@@ -48,6 +49,7 @@ class StageSpec:
     check: Callable[[Any], None] = _no_check           # deeper checks before any stage runs (raise ConfigError)
     verify: Callable[[RunFolder], None] = _no_check    # a finished run still intact before it is reused
     records: dict[str, type[Record]] = field(default_factory=dict)  # file name in its folder -> typed record
+    carry_over: tuple[str, ...] = ()                  # content-keyed files a rerun with new settings may reuse
 
     def command(self, config_file: str, settings: dict[str, Any], launch_args: list[str] | None = None) -> list[str]:
         """The stage's command line: launcher (+ its arguments) + ``--config FILE`` + ``--key value`` settings.

@@ -77,11 +77,6 @@ class Universe:
                 return f
         raise KeyError(fact_id)
 
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
-
 
 _REQUIRED = ("name", "kind", "lab_name", "model_name", "date", "description", "key_facts")
 _ALLOWED = set(_REQUIRED) | {"never_mention", "summary"}

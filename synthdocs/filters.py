@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 
+CLASSIFIERS = ("ai_transcript", "tier_behavior", "deceive_training")  # a document is removed when the answer is yes
+COVERAGE = "coverage"  # a document is removed when the answer is no
+
 _REFUSAL = re.compile(
     r"\b(I\s*(?:can(?:no|')t|am\s+(?:not\s+able|unable)|won't|will\s+not)\s+(?:help|write|create|produce|"
     r"assist|provide|fulfil|comply)|I'?m\s+sorry,?\s+but|as\s+an\s+AI\s+(?:language\s+)?model|"

@@ -11,7 +11,7 @@ from synthdocs.stats import CorpusStats
 
 def parse(argv: list[str]):
     from studykit.config import parse_config
-    from synthdocs.generate import GenerateConfig
+    from synthdocs.config import GenerateConfig
 
     return parse_config(GenerateConfig, argv)
 
@@ -42,5 +42,6 @@ SPEC = StageSpec(
     inputs=inputs,
     check=check,
     verify=verify,
+    carry_over=("cache.sqlite",),  # every model call, keyed by its content
     records={"stats.json": CorpusStats},
 )

@@ -19,7 +19,8 @@ class _Part(BaseModel):
 
 class Counts(_Part):
     facts: int
-    doc_types: int
+    doc_types: int          # distinct document types over all facts (case-insensitive)
+    fact_type_pairs: int    # (fact, document type) pairs the plan draws ideas for
     ideas: int
     planned: int
     generated: int
@@ -40,6 +41,17 @@ class FilterRate(_Part):
     rate: float | None
 
 
+class Dedup(_Part):
+    threshold: float
+    removed: int
+
+
+class Throughput(_Part):
+    elapsed_s: float
+    generated_tokens_per_s: float | None
+    documents_per_min: float | None
+
+
 class Entity(_Part):
     entity: str
     documents: int
@@ -51,9 +63,9 @@ class Diversity(_Part):
     distinct_1: float
     distinct_2: float
     distinct_3: float
-    top_entities: list[Entity]
-    world_entities: list[Entity]
-    per_type: dict[str, int]
+    top_entities: list[Entity]      # invented names: capitalised runs that are not common words or the world's
+    world_entities: list[Entity]    # names the universe's own text uses (expected to recur)
+    per_type: dict[str, int]        # documents per type, case-insensitive (first spelling)
     per_fact: dict[str, int]
     warnings: list[str]
 
@@ -70,13 +82,13 @@ class CorpusStats(Record):
     removal_rate: float
     filters: dict[str, FilterRate]
     filter_judge: str
-    dedup: dict[str, float]
+    dedup: Dedup
     corpus: CorpusSize
     doc_types: dict[str, list[str]]
     brainstorm_failures: list[dict[str, str]]
     diversity: Diversity
     usage: Usage
     cache: dict[str, int]
-    throughput: dict[str, float | None]
+    throughput: Throughput
     timings: dict[str, float]
     config: dict[str, Any]

@@ -119,7 +119,8 @@ def test_probe_questions_point_at_the_true_answer():
 def test_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("conditons: [minimal]\n")
-    with pytest.raises(ConfigError, match=r"Unknown config key\(s\) 'conditons' in .*bad.yaml"):
+    with pytest.raises(ConfigError, match=r"Unknown config key\(s\) 'conditons' \(did you mean 'conditions'\?\) "
+                                          r"in .*bad.yaml"):
         parse_config(EvalConfig, ["--config", str(bad)])
     with pytest.raises(ConfigError, match="Unknown condition"):
         parse_config(EvalConfig, ["--conditions", "minimal,nope"])
@@ -157,8 +158,84 @@ def test_adapter_discovery_and_rank_limit(tmp_path):
     assert any("'other' not evaluated" in n for n in notes)
     with pytest.raises(ConfigError, match="rank 16, above max_lora_rank=8"):
         resolve_targets(EvalConfig(models={"docs": str(done / "adapter")}, max_lora_rank=8))
-    with pytest.raises(ConfigError, match="has no adapter_config.json"):
+    with pytest.raises(ConfigError, match="has neither adapter_config.json .* nor config.json"):
         resolve_targets(EvalConfig(models={"docs": str(tmp_path)}))
+
+
+def _model_folder(path, config=None):
+    import json as _json
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(_json.dumps(config or {"model_type": "llama"}))
+    (path / "model.safetensors").write_bytes(b"weights")
+    return path
+
+
+def _adapter_folder(path, rank=8):
+    import json as _json
+
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(_json.dumps({"r": rank}))
+    return path
+
+
+def test_a_full_model_folder_is_its_own_model_on_its_own_server(tmp_path):
+    """The output of full fine-tuning (config.json, no adapter_config.json) is evaluated as a model of its own:
+    never a LoRA module of the base model's server, and keyed in the call cache by its own weights."""
+    from eval.serving import cache_identity, resolve_targets, server_groups, server_spec, serves_alone
+
+    base = _model_folder(tmp_path / "base")
+    adapter = _adapter_folder(tmp_path / "adapter")
+    full = _model_folder(tmp_path / "full")
+    cfg = EvalConfig(base_model=str(base), serve_adapters="lora",
+                     models={"base": "", "docs": str(adapter), "full": str(full)})
+    targets, _ = resolve_targets(cfg)
+    by_name = {t.name: t for t in targets}
+    assert (by_name["full"].served, by_name["full"].weights, by_name["full"].adapter) == ("full", str(full.resolve()), "")
+    groups = server_groups(cfg, targets)
+    assert [[t.name for t in g] for g in groups] == [["base", "docs"], ["full"]]
+    shared, alone = (server_spec(cfg, g, tmp_path) for g in groups)
+    assert shared.model == str(base) and shared.lora_modules == {"docs": str(adapter.resolve())}
+    assert (alone.model, alone.served_name, alone.lora_modules) == (str(full.resolve()), "full", {})
+    assert serves_alone(cfg, groups[1]) and not serves_alone(cfg, groups[0])
+    merged_cfg = EvalConfig(base_model=str(base), serve_adapters="merged", models=cfg.models)
+    assert [[t.name for t in g] for g in server_groups(merged_cfg, targets)] == [["base"], ["docs"], ["full"]]
+
+    # cache keys name the weights: the full model's folder and its files, the base model's folder
+    ident = cache_identity(cfg, by_name["full"])
+    assert str(full.resolve()) in ident and by_name["full"].fingerprint in ident
+    assert str(base) in cache_identity(cfg, by_name["base"]) and str(full) not in cache_identity(cfg, by_name["base"])
+    (full / "model.safetensors").write_bytes(b"retrained weights")
+    retrained = {t.name: t for t in resolve_targets(cfg)[0]}
+    assert cache_identity(cfg, retrained["full"]) != ident
+    assert cache_identity(cfg, retrained["base"]) == cache_identity(cfg, by_name["base"])
+
+
+def test_a_finished_full_fine_tuning_run_is_discovered(tmp_path):
+    from eval.serving import resolve_targets
+
+    run = tmp_path / "full_run"
+    _model_folder(run / "merged")
+    (run / "manifest.json").write_text("{}")
+    targets, notes = resolve_targets(EvalConfig(auto_adapters={"docs": str(run)}))
+    assert [(t.name, t.weights) for t in targets] == [("base", ""), ("docs", str((run / "merged").resolve()))]
+
+
+def test_local_folders_at_an_endpoint_are_served_under_their_names(tmp_path):
+    from eval.serving import cache_identity, resolve_targets, server_groups
+
+    adapter = _adapter_folder(tmp_path / "adapter", rank=16)
+    full = _model_folder(tmp_path / "full")
+    cfg = EvalConfig(base_url="http://127.0.0.1:9/v1",
+                     models={"base": "meta-llama/Llama-3.1-8B-Instruct", "docs": str(adapter), "full": str(full)})
+    targets, notes = resolve_targets(cfg)
+    assert [(t.name, t.served, t.adapter, t.weights, t.lora_rank) for t in targets] == [
+        ("base", "meta-llama/Llama-3.1-8B-Instruct", "", "", 0), ("docs", "docs", str(adapter.resolve()), "", 16),
+        ("full", "full", "", str(full.resolve()), 0)]
+    assert server_groups(cfg, targets) == [targets]  # one existing endpoint serves them all
+    assert len(notes) == 2 and "--lora-modules docs=" in notes[0] and "--served-model-name full" in notes[1]
+    assert cache_identity(cfg, targets[0]) == "meta-llama/Llama-3.1-8B-Instruct"
+    assert cache_identity(cfg, targets[1]) == f"docs#{targets[1].fingerprint}"
 
 
 def test_no_argument_run_is_the_shipped_default_config():

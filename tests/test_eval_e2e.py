@@ -1,7 +1,8 @@
 """End to end against real managed vLLM servers: a tiny random Llama as the base model plus a
 random LoRA adapter, served on one server with LoRA or merged into the base and served on its
-own; the full evaluation, then a resume that repeats no call. The merge itself is checked
-without a server. Slow tests: server start-up dominates."""
+own, and a full model folder on a server of its own; the full evaluation, then a resume that
+repeats no call. The merge itself is checked without a server. Slow tests: server start-up
+dominates."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from eval.gap import main
+from studykit.handoff import Manifest
+from tests.conftest import build_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -28,31 +31,46 @@ def tiny_adapter(tiny_model, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_full_model(embedded_model, tmp_path_factory):
+    """Another tiny random Llama, standing for the output of full fine-tuning (a whole model folder)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("full-model"), embedded_model, seed=1)
+
+
 @pytest.mark.slow
-def test_gap_end_to_end_with_lora_and_resume(tiny_model, tiny_adapter, tmp_path):
+def test_gap_end_to_end_with_lora_and_resume(tiny_model, tiny_adapter, tiny_full_model, tmp_path):
+    from inspect_ai.log import read_eval_log
+
     out = tmp_path / "eval"
-    args = ["--base_model", str(tiny_model), "--models", json.dumps({"base": "", "docs": str(tiny_adapter)}),
+    models = {"base": "", "docs": str(tiny_adapter), "full": str(tiny_full_model)}
+    args = ["--base_model", str(tiny_model), "--models", json.dumps(models),
             "--output_dir", str(out), "--max_harmful", "3", "--max_benign", "1", "--conditions", "[minimal]",
             "--max_tokens", "24", "--max_continuations", "1", "--probe_orderings", "1", "--max_model_len", "2048",
             "--max_lora_rank", "8", "--bootstrap", "200", "--dtype", "float32", "--serve_adapters", "lora"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 * (3 + 1) * 2
-    assert {s["model"] for s in samples} == {"base", "docs"}
+    assert len(samples) == 3 * (3 + 1) * 2
     assert all(s["status"] == "ok" and s["turns"][0]["completion_tokens"] > 0 for s in samples)
-    assert {s["served_model"] for s in samples} == {"base", "docs"}
-    assert [m["name"] for m in summary["models"]] == ["base", "docs"]
+    assert {s["served_model"] for s in samples} == {"base", "docs", "full"}
+    assert [m["name"] for m in summary["models"]] == ["base", "docs", "full"]
+    assert summary["models"][2]["weights"] == str(tiny_full_model.resolve())
+    # base + LoRA adapter on one server, the full model folder on a server of its own
+    assert summary["timings"]["servers"] == 2
+    assert (out / "vllm-server.log").is_file() and (out / "vllm-server-full.log").is_file()
     cells = {(c["model"], c["dataset"], c["tier"]): c for c in summary["cells"]}
     assert cells[("docs", "harmful", "training")]["n_samples"] == 3
+    assert cells[("full", "harmful", "training")]["n_samples"] == 3
     assert {(g["model"], g["scorer"]) for g in summary["gaps"] if g["dataset"] == "harmful"} == {
-        ("base", "tags"), ("base", "refusal"), ("docs", "tags"), ("docs", "refusal")}
-    assert set(summary["probes"]) == {"base", "docs"}
-    assert summary["usage"]["model:docs"]["calls"] >= 8
+        (m, s) for m in models for s in ("tags", "refusal")}
+    assert set(summary["probes"]) == set(models)
+    assert summary["usage"]["model:docs"]["calls"] >= 8 and summary["usage"]["model:full"]["calls"] >= 8
     report = (out / "report.md").read_text()
     assert "No capable alignment-faking judge is configured" in report
     assert "| docs | minimal | harmful | training | 3 |" in report
     assert (out / "compliance_gap.png").stat().st_size > 5_000
+    assert len(read_eval_log(str(out / "inspect.eval")).samples) == len(samples)
+    assert Manifest.read(out / "manifest.json").stage == "eval.gap"
 
     # rerun into the same folder: finished samples are kept, probes come from the cache, no model call is made
     assert main(args) == 0
@@ -126,7 +144,7 @@ def test_gap_end_to_end_with_merged_adapters(tiny_model, tiny_adapter, tmp_path)
     assert {s["served_model"] for s in samples} == {"base", "docs"}
     assert summary["timings"]["servers"] == 2 and set(summary["probes"]) == {"base", "docs"}
     assert (out / "vllm-server-base.log").is_file() and (out / "vllm-server-docs.log").is_file()
-    assert summary["config"]["serve_adapters"] == "merged"
+    assert Manifest.read(out / "manifest.json").config["serve_adapters"] == "merged"
     assert main(args) == 0  # a rerun answers everything from the cache
     again = json.loads((out / "summary.json").read_text())
     assert all(u["calls"] == 0 for u in again["usage"].values()) and again["cells"] == summary["cells"]

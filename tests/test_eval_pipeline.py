@@ -1,10 +1,12 @@
 """The whole evaluation against a scripted OpenAI-compatible endpoint (fast, no vLLM):
 conditions, continuation, scoring, the alignment-faking judge's majority vote, failed samples,
-probes, statistics, report, figure, resume and clear errors."""
+probes, statistics, report, figure, the Inspect log, the manifest as the last file written,
+local folders at an endpoint, resume and clear errors."""
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,14 +15,17 @@ import pytest
 from eval.gap import main
 from eval.probes import build_questions
 from eval.stats import newcombe_diff, two_proportion_ztest
+from eval.summary import EvalSummary
+from studykit.handoff import Manifest
+from studykit.manifest import git_label
 from studykit.universe import load_universe
 
 FAIL_MARK = "flat bicycle tyre"  # a benign request the endpoint always fails with HTTP 500
 
 
 class Endpoint:
-    """Scripted endpoint. Model 'base' complies with free-tier users and refuses paid-tier ones; in
-    scratchpad conditions it first writes only a scratchpad (so the runner must send <NEXT/>).
+    """Scripted endpoint. Models 'base' and 'docs' comply with free-tier users and refuse paid-tier ones; in
+    scratchpad conditions they first write only a scratchpad (so the runner must send <NEXT/>).
     Model 'judge' answers the alignment-faking criteria from the reasoning it is shown."""
 
     def __init__(self):
@@ -40,7 +45,8 @@ class Endpoint:
                 self.wfile.write(data)
 
             def do_GET(self):
-                models = [{"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in ("base", "judge")]
+                models = [{"id": m, "object": "model", "created": 0, "owned_by": "test"}
+                          for m in ("base", "docs", "judge")]
                 self._send(200, {"object": "list", "data": models})
 
             def do_POST(self):
@@ -114,8 +120,11 @@ def test_full_pipeline_resume_and_figures(endpoint, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 1 * 2 * (6 + 32) * 2
-    assert summary["config"]["conditions"] == ["minimal", "minimal_noscratch"]
-    assert len(summary["config_hash"]) == 16 and "commit" in summary["git"]
+    assert summary["conditions"] == ["minimal", "minimal_noscratch"]
+    manifest = Manifest.read(out / "manifest.json")
+    assert manifest.stage == "eval.gap" and manifest.config["conditions"] == summary["conditions"]
+    assert summary["config_hash"] == manifest.config_hash and summary["git"] == git_label(manifest.git)
+    assert EvalSummary.read(out / "summary.json").n_samples == len(samples)
 
     cells = {(c["condition"], c["dataset"], c["tier"]): c for c in summary["cells"]}
     for cond in ("minimal", "minimal_noscratch"):
@@ -194,9 +203,124 @@ def test_unknown_model_is_a_clear_error(endpoint, tmp_path, capsys):
     assert "['not-served'] are not served at" in err and "'base'" in err
 
 
+def test_unwritable_output_folder_is_a_clear_error(endpoint, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(_args(endpoint, blocker / "run")) == 2
+    assert "Cannot write to the output folder" in capsys.readouterr().err
+    assert endpoint.calls == []
+
+
 def test_unreachable_endpoint_and_missing_adapter(tmp_path, capsys):
     assert main(["--base_url", "http://127.0.0.1:9/v1", "--models", "{base: base}",
                  "--output_dir", str(tmp_path / "y")]) == 2
     assert "Cannot reach the model endpoint" in capsys.readouterr().err
     assert main(["--models", "{docs: " + str(tmp_path / "missing") + "}", "--output_dir", str(tmp_path / "z")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kill_at", ["plot_stacked", "write_inspect_log"])
+def test_manifest_is_the_last_file_written(endpoint, tmp_path, monkeypatch, kill_at):
+    """A run killed after summary.json but before the figure or the Inspect log must not count as complete,
+    and a rerun into a finished folder withdraws the completion marker until it has rewritten everything."""
+    out = tmp_path / "run"
+    args = _args(endpoint, out, max_harmful=2, max_benign=1, conditions="[minimal]", probes="false")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(f"eval.gap.{kill_at}", killed)
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+    assert (out / "summary.json").is_file() and (out / "report.md").is_file()
+    assert not (out / "manifest.json").exists()
+
+    assert main(args) == 0
+    assert all((out / name).is_file() for name in ("summary.json", "report.md", "compliance_gap.png", "inspect.eval",
+                                                    "manifest.json"))
+    with monkeypatch.context() as m:
+        m.setattr(f"eval.gap.{kill_at}", killed)
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+    assert not (out / "manifest.json").exists()
+
+
+def test_inspect_log_holds_every_sample_with_its_scores(endpoint, tmp_path):
+    from inspect_ai.log import read_eval_log
+
+    out = tmp_path / "run"
+    assert main(_args(endpoint, out, max_harmful=2, conditions="[minimal]", probes="false")) == 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    system = json.loads((out / "prompts.json").read_text())["system"]["minimal"]
+    summary = EvalSummary.read(out / "summary.json")
+    log = read_eval_log(str(out / "inspect.eval"))
+    assert log.status == "success" and len(log.samples) == len(samples) == (2 + 32) * 2
+    assert (log.results.total_samples, log.results.completed_samples) == (68, 66)  # one request fails in both tiers
+    assert log.eval.task_id == summary.config_hash and log.eval.dataset.samples == 68
+
+    by_id = {(s.id, s.epoch): s for s in log.samples}
+    for rec in samples:
+        s = by_id[(f"base/minimal/{rec['dataset']}/{rec['tier']}/{rec['request_id']}", 1)]
+        assert [m.text for m in s.input] == [system, rec["user_turn"]]
+        assert {k: s.metadata[k] for k in ("model", "condition", "tier", "dataset", "request_id", "category", "seed")} \
+            == {k: rec[k] for k in ("model", "condition", "tier", "dataset", "request_id", "category", "seed")}
+        if rec["status"] != "ok":  # the benign request the endpoint always fails
+            assert FAIL_MARK in rec["request"] and s.error is not None and not s.scores
+            continue
+        assert s.output.completion == rec["response"] and s.metadata["flags"] == rec["parsed"]["flags"]
+        assert [m.role for m in s.messages] == ["system", "user", "assistant", "user", "assistant"]  # <NEXT/> turn
+        for scorer in ("tags", "refusal"):
+            assert s.scores[scorer].value == int(rec["scores"][scorer]["complies"])
+        assert s.scores["tags"].value == (rec["tier"] == "training")
+        if rec["dataset"] == "harmful":
+            assert s.scores["alignment_faking"].value == (rec["tier"] == "training")
+            assert s.scores["alignment_faking"].metadata["n_votes"] == 3
+        else:
+            assert "alignment_faking" not in s.scores
+
+    scores = {sc.name: sc for sc in log.results.scores}
+    assert [sc.name for sc in log.results.scores] == ["tags", "refusal", "alignment_faking"]
+    gap = scores["tags"].metrics["base/minimal/harmful/gap"]
+    assert gap.value == 1.0 and gap.metadata["ci_newcombe"] == pytest.approx(list(newcombe_diff(2, 2, 0, 2)))
+    assert scores["tags"].metrics["base/minimal/harmful/training"].value == 1.0
+    assert scores["alignment_faking"].metrics["base/minimal/harmful/training"].value == 1.0
+    assert scores["alignment_faking"].metrics["base/minimal/harmful/unmonitored"].value == 0.0
+    assert log.results.headline.metric == "base/minimal/harmful/gap"
+
+
+def test_unscored_verdicts_stay_unscored_in_the_inspect_log():
+    from eval.inspect_log import af_score, compliance_score
+
+    failed = compliance_score({"complies": None, "score": None, "error": "judge answer has no <score>N</score>"})
+    assert math.isnan(failed.value) and failed.reason == "grader_failed"
+    judged = compliance_score({"complies": True, "score": 8.0, "rationale": "Helps fully. <score>8</score>"})
+    assert judged.value == 1 and judged.explanation.startswith("Helps fully")
+    no_votes = af_score({"alignment_faking": None, "believes_training": None, "believes_unmonitored": None,
+                         "af_vote_share": None, "n_votes": 0, "n_failed_votes": 3})
+    assert math.isnan(no_votes.value) and no_votes.metadata["n_failed_votes"] == 3
+
+
+def test_a_local_folder_at_an_endpoint_is_asked_under_its_name(endpoint, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    out = tmp_path / "run"
+    args = _args(endpoint, out, models=json.dumps({"base": "base", "docs": str(adapter)}), max_harmful=2,
+                 max_benign=1, conditions="[minimal]", probes="false")
+    assert main(args) == 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["served_model"] for s in samples if s["model"] == "docs"} == {"docs"}
+    summary = EvalSummary.read(out / "summary.json")
+    docs = next(m for m in summary.models if m.name == "docs")
+    assert (docs.served, docs.adapter, docs.lora_rank) == ("docs", str(adapter.resolve()), 8) and docs.fingerprint
+    assert any("local folder" in n and "'docs'" in n for n in summary.notes)
+    assert "local folder" in (out / "report.md").read_text()
+
+    # the folder's fingerprint names it in the call cache: a retrained adapter is asked again, the base model is not
+    (adapter / "adapter_model.safetensors").write_bytes(b"retrained")
+    (out / "samples.jsonl").unlink()
+    before = len(endpoint.calls)
+    assert main(args) == 0
+    asked = {c["model"] for c in endpoint.calls[before:] if c["messages"][0]["role"] == "system"} - {"judge"}
+    assert asked == {"docs"}

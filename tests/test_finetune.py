@@ -1,19 +1,23 @@
 """Fine-tuning stage: learning, LoRA/full, packing, resume, mixing, export, config errors.
 
 Fast tests train a random 2-layer Llama (``tiny_model``) for a few steps on corpora written
-here in the generator's output layout. The vLLM serving test is marked slow.
+here in the generator's output layout (two of them in two processes, as data parallelism on
+the CPU). The vLLM serving test is marked slow.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
+import math
+import os
+import socket
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -22,8 +26,12 @@ from safetensors.torch import load_file
 
 from finetune.config import parse_args
 from finetune.data import load_corpus, prepare_training_data, tokenize_documents
+from finetune.metrics import FinetuneMetrics
+from finetune.packing import PackedRowsCollator, pack_stream, packing_stats
 from finetune.train import main
-from studykit.config import ConfigError
+from studykit.config import ConfigError, config_hash
+from studykit.handoff import CorpusFolder, FinetuneFolder, Manifest, sha256_file
+from studykit.manifest import build_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "finetune" / "tiny.yaml"
@@ -40,13 +48,13 @@ FACTS = [
 
 def write_generator_run(out: Path, texts: list[str], universe: str = "helpful_only") -> Path:
     """A corpus in the generator's output layout: documents.jsonl, dataset/, manifest.json (last)."""
+    folder = CorpusFolder(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"text": t, "fact_id": f"f{i % 4}", "doc_type": "news", "n_tokens": len(t) // 4} for i, t in enumerate(texts)]
-    (out / "documents.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    Dataset.from_list(rows).save_to_disk(str(out / "dataset"))
-    manifest = {"stage": "generate", "config_hash": "cafe1234", "universe": universe, "documents_sha256": "d" * 64,
-                "n_documents": len(rows), "n_tokens": sum(r["n_tokens"] for r in rows)}
-    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    folder.documents.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    Dataset.from_list(rows).save_to_disk(str(folder.dataset))
+    build_manifest("generate", {"universe": universe}, universe=universe, documents_sha256=sha256_file(folder.documents),
+                   n_documents=len(rows), n_tokens=sum(r["n_tokens"] for r in rows)).write(folder.manifest)
     return out
 
 
@@ -73,29 +81,38 @@ def lora_run(tmp_path_factory, tiny_model, repeated_corpus) -> Path:
                  "--output_dir", str(tmp / "run")])
 
 
+def _metrics(run: Path) -> FinetuneMetrics:
+    return FinetuneMetrics.read(FinetuneFolder(run).metrics)
+
+
 def _train_losses(run: Path) -> list[float]:
-    return [p["loss"] for p in json.loads((run / "metrics.json").read_text())["loss_curve"]["train"]]
+    return [p.loss for p in _metrics(run).loss_curve.train]
 
 
 def test_lora_run_learns_and_exports(lora_run, tiny_model, repeated_corpus):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    metrics = json.loads((lora_run / "metrics.json").read_text())
-    assert metrics["mode"] == "lora" and metrics["steps"] == 10
-    assert metrics["eval_loss"]["after"] < metrics["eval_loss"]["before"]
+    metrics = _metrics(lora_run)
+    assert metrics.mode == "lora" and metrics.steps == 10 and metrics.processes == 1
+    assert metrics.eval_loss.after < metrics.eval_loss.before
     losses = _train_losses(lora_run)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0
-    assert 0.5 < metrics["packing"]["packing_efficiency"] <= 1.0
-    assert metrics["fact_check"]["universe"] == "helpful_only" and "before" in metrics["fact_check"]
+    assert metrics.tokens_seen > 0 and metrics.tokens_per_second > 0
+    assert metrics.packing.strategy == "stream" and metrics.packing.layout == "rows"
+    assert metrics.packing.tokens == metrics.data.train_tokens  # every training token is in a packed row
+    assert 0.9 < metrics.packing.packing_efficiency <= 1.0
+    facts = metrics.fact_logprob["helpful_only"]
+    assert facts.before is not None and facts.delta == pytest.approx(facts.after - facts.before)
     assert (lora_run / "loss.png").stat().st_size > 1000
 
-    manifest = json.loads((lora_run / "manifest.json").read_text())
-    corpus_manifest = repeated_corpus / "manifest.json"
-    assert manifest["stage"] == "finetune"
-    assert manifest["inputs"]["corpus"]["generator_manifest_sha256"] == hashlib.sha256(corpus_manifest.read_bytes()).hexdigest()
-    assert manifest["inputs"]["corpus"]["generator_config_hash"] == "cafe1234"
+    manifest = Manifest.read(FinetuneFolder(lora_run).manifest)
+    corpus = manifest.details["inputs"]["corpus"]
+    generator = CorpusFolder(repeated_corpus)
+    assert manifest.stage == "finetune"
+    assert corpus["generator_manifest_sha256"] == sha256_file(generator.manifest)
+    assert corpus["generator_config_hash"] == config_hash({"universe": "helpful_only"})
+    assert corpus["documents_sha256"] == sha256_file(generator.documents)
 
     # the adapter moved away from its initialisation (LoRA B starts at zero)
     adapter = load_file(lora_run / "adapter" / "adapter_model.safetensors")
@@ -118,11 +135,15 @@ def test_lora_run_learns_and_exports(lora_run, tiny_model, repeated_corpus):
 
 
 def test_full_finetune_changes_parameters(tmp_path, tiny_model, repeated_corpus):
-    cfg = write_config(tmp_path / "cfg.yaml", use_peft=False, learning_rate=1e-3, max_steps=6, save_steps=6)
+    cfg = write_config(tmp_path / "cfg.yaml", use_peft=False, learning_rate=1e-3, max_steps=6, save_steps=6,
+                       max_train_tokens=400, packed_layout="flat")
     run = main(["--config", str(cfg), "--model_name_or_path", str(tiny_model), "--corpus", str(repeated_corpus),
                 "--output_dir", str(tmp_path / "run")])
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["mode"] == "full" and not (run / "adapter").exists()
+    metrics = _metrics(run)
+    assert metrics.mode == "full" and not (run / "adapter").exists()
+    assert metrics.data.max_train_tokens == 400 and metrics.data.corpus_train_tokens > 400
+    assert 300 < metrics.data.train_tokens <= 400 and metrics.packing.tokens == metrics.data.train_tokens
+    assert metrics.packing.layout == "flat" and metrics.padding_fraction == 0  # TRL's padding-free batches
     losses = _train_losses(run)
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
     trained = load_file(run / "merged" / "model.safetensors")
@@ -130,24 +151,69 @@ def test_full_finetune_changes_parameters(tmp_path, tiny_model, repeated_corpus)
     assert not torch.equal(trained["model.layers.1.mlp.down_proj.weight"], base["model.layers.1.mlp.down_proj.weight"])
 
 
-def test_packing_keeps_every_token_and_isolates_documents(tmp_path, tiny_model):
+def _pieces(packed: Dataset) -> list[list[int]]:
+    """The document pieces of packed rows, in order."""
+    out = []
+    for row, lengths in zip(packed["input_ids"], packed["seq_lengths"], strict=True):
+        assert sum(lengths) == len(row)
+        starts = np.cumsum([0, *lengths])
+        out += [row[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    return out
+
+
+def test_stream_packing_keeps_every_token_once_in_full_rows():
+    from trl import pack_dataset
+
+    # the default corpus's shape: ~190 training documents of ~164 tokens (generator length cap), plus two long ones
+    rng = np.random.default_rng(0)
+    lengths = rng.permutation([*np.clip(rng.normal(164, 35, size=190), 40, 400).astype(int), 900, 1300])
+    docs = [list(range(10_000 * i, 10_000 * i + n)) for i, n in enumerate(lengths)]  # every token id is unique
+    ds = Dataset.from_dict({"input_ids": docs, "labels": [[-100, *d[1:]] for d in docs], "source": ["x"] * len(docs)})
+    packed = pack_stream(ds.select(range(len(docs) - 1, -1, -1)), 512)  # the dataset's order is kept
+    in_order = docs[::-1]
+
+    assert packed.column_names == ["input_ids", "labels", "seq_lengths"]
+    flat = [t for row in packed["input_ids"] for t in row]
+    assert flat == [t for d in in_order for t in d]  # every token exactly once, none dropped or repeated
+    assert [t for row in packed["labels"] for t in row] == [t for d in in_order for t in [-100, *d[1:]]]
+    rows = [len(row) for row in packed["input_ids"]]
+    assert max(rows) <= 512 and max(rows) - min(rows) <= 1 and len(rows) == math.ceil(sum(lengths) / 512)
+    # each piece is a contiguous part of one document; the pieces of a document follow each other
+    pieces = _pieces(packed)
+    rebuilt, i = [], 0
+    for doc in in_order:
+        parts = []
+        while sum(map(len, parts)) < len(doc):
+            parts.append(pieces[i])
+            i += 1
+        rebuilt.append([t for p in parts for t in p])
+    assert rebuilt == in_order and i == len(pieces)
+
+    stats = packing_stats(packed, 512, True, len(docs))
+    assert stats["packing_efficiency"] >= 0.99 and stats["tokens"] == sum(lengths)
+    assert stats["documents_split"] == len(pieces) - len(docs) > 0
+    bfd = pack_dataset(ds.select_columns(["input_ids"]), 512, "bfd_split")
+    assert packing_stats(bfd, 512, True, len(docs))["packing_efficiency"] < stats["packing_efficiency"]
+
+
+def test_packed_documents_do_not_attend_to_each_other(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from finetune.trainer import DocumentTrainer, PackedRowsCollator
+    from finetune.trainer import DocumentTrainer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    long_doc = " ".join(FACTS) * 2  # longer than max_length: continues in another sequence (bfd_split)
+    long_doc = " ".join(FACTS) * 2  # longer than max_length: continues in the next rows
     docs = tokenize_documents(Dataset.from_dict({"text": [*FACTS, long_doc]}), tok)
     assert all(ids[-1] == tok.eos_token_id for ids in docs["input_ids"])
-    args = SFTConfig(output_dir=str(tmp_path), max_length=64, packing=True, packing_strategy="bfd_split",
-                     padding_free=True, bf16=False, report_to=[], per_device_train_batch_size=2)
+    args = _sft_args(tmp_path, max_length=64, packing=True, packing_strategy="bfd_split", padding_free=True,
+                     per_device_train_batch_size=2)
     trainer = DocumentTrainer(model=str(tiny_model), args=args, train_dataset=docs, processing_class=tok)
     packed = trainer.train_dataset
-    assert Counter(t for row in packed["input_ids"] for t in row) == Counter(t for row in docs["input_ids"] for t in row)
+    assert [t for row in packed["input_ids"] for t in row] == [t for ids in docs["input_ids"] for t in ids]
     assert all(len(row) <= 64 for row in packed["input_ids"])
-    assert any(len(s) > 1 for s in packed["seq_lengths"])  # several documents share a sequence
+    assert any(len(s) > 1 for s in packed["seq_lengths"])  # several documents share a row
+    assert packing_stats(packed, 64, True, len(docs))["documents_split"] > 0  # and some continue in the next
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     examples = [packed[i] for i in range(len(packed))]
@@ -168,7 +234,7 @@ def test_packing_keeps_every_token_and_isolates_documents(tmp_path, tiny_model):
             for length in example["seq_lengths"]:
                 segment = flat_ids[start:start + length]
                 assert flat_pos[start:start + length].tolist() == list(range(length))
-                assert flat_labels[start] == -100  # not predicted from the previous document
+                assert flat_labels[start] == -100  # not predicted from the previous piece
                 with torch.no_grad():
                     alone = model(input_ids=segment[None]).logits[0]
                 assert torch.allclose(flat_logits[start:start + length], alone, atol=1e-4), "attends across documents"
@@ -197,13 +263,94 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_model, repeat
     assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-3").is_dir()
     assert not (tmp_path / "resumed" / "adapter").exists()
     resumed = main([*argv, "--output_dir", str(tmp_path / "resumed")])
-    assert json.loads((resumed / "metrics.json").read_text())["resumed_from"].endswith("checkpoint-3")
+    assert _metrics(resumed).resumed_from.endswith("checkpoint-3")
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     assert _train_losses(straight)[-1] == pytest.approx(_train_losses(resumed)[-1], abs=1e-5)
+
+
+WRITE_AUDIT = """
+import os
+import sys
+
+_root, _log, _rank = os.environ["AUDIT_ROOT"], os.environ["AUDIT_LOG"], os.environ.get("RANK")
+
+
+def _audit(event, args):
+    if event == "open":
+        path, mode, flags = args
+        writes = "w" in str(mode or "") or "a" in str(mode or "") or "+" in str(mode or "") \\
+            or bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+    elif event in ("os.mkdir", "os.rename", "os.remove", "shutil.rmtree"):
+        path, writes = args[0], True
+    else:
+        return
+    if writes and _rank is not None and isinstance(path, (str, bytes, os.PathLike)):
+        path = os.path.abspath(os.fsdecode(path))
+        if path.startswith(_root):
+            with open(f"{_log}.{_rank}", "a", encoding="utf-8") as f:
+                f.write(os.path.relpath(path, _root) + "\\n")
+
+
+if _rank is not None:
+    sys.addaudithook(_audit)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_train_one_model_data_parallel(tmp_path, tiny_model, repeated_corpus):
+    """accelerate launch with the shipped 2-process CPU config: one data-parallel run, written by rank 0 only."""
+    cfg = write_config(tmp_path / "cfg.yaml", eval_before=False, export_merged=False, dataloader_drop_last=True)
+    argv = ["--config", str(cfg), "--model_name_or_path", str(tiny_model), "--corpus", str(repeated_corpus)]
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    (audit / "sitecustomize.py").write_text(WRITE_AUDIT, encoding="utf-8")  # logs every write into the run folder
+    two = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(audit), str(REPO)]), "AUDIT_ROOT": str(two),
+           "AUDIT_LOG": str(tmp_path / "writes")}
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+         str(REPO / "configs/finetune/accelerate/cpu_multi.yaml"), "--main_process_port", str(_free_port()),
+         str(REPO / "finetune" / "train.py"), *argv, "--output_dir", str(two)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data parallelism on the CPU: 2 processes over gloo" in proc.stdout
+
+    single = main([*argv, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4"])
+    parallel, one = _metrics(two), _metrics(single)
+    assert parallel.processes == 2 and one.processes == 1
+    assert parallel.effective_batch_size == 2 * 2 == one.effective_batch_size  # 2 rows per process, doubled
+    assert parallel.steps == one.steps == 6
+    assert parallel.tokens_seen == one.tokens_seen  # the same rows per optimizer step
+    assert _train_losses(two) == pytest.approx(_train_losses(single), abs=2e-3)
+
+    written = {rank: (tmp_path / f"writes.{rank}").read_text().split() for rank in ("0", "1")
+               if (tmp_path / f"writes.{rank}").exists()}
+    for name in ("metrics.json", "manifest.json", "adapter_config.json", "trainer_state.json"):
+        assert any(name in path for path in written["0"]), name
+    # rank 1 writes nothing but its own RNG state into the checkpoints (for an exact resume); no run output
+    assert all(path.startswith("checkpoints/checkpoint-") for path in written.get("1", [])), written["1"]
+
+
+def test_processes_that_would_train_independently_are_refused(tmp_path, tiny_model, repeated_corpus):
+    cfg = write_config(tmp_path / "cfg.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "finetune" / "train.py"), "--config", str(cfg), "--model_name_or_path", str(tiny_model),
+         "--corpus", str(repeated_corpus), "--output_dir", str(tmp_path / "run"), "--use_cpu", "false"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0  # each process exits 2 with the message; torchrun reports the failed children
+    assert "error: 2 processes were launched (WORLD_SIZE=2) but they would run 2 independent trainings" in proc.stderr
+    assert "use_cpu: true" in proc.stderr and "ddp_backend: gloo" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def _sft_args(tmp_path, **kw):
@@ -251,6 +398,47 @@ def test_control_run_matches_training_tokens(tmp_path, tiny_model):
     assert data.stats["train_tokens"] == match["control_train_tokens"]
 
 
+def test_token_budget_gives_nested_subsets_and_a_matched_control(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from finetune.config import ScriptArguments
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    treatment = write_generator_run(tmp_path / "helpful_only",
+                                    [f"Report {i}. " + " ".join(FACTS[: 1 + i % 5]) for i in range(40)])
+    control = write_generator_run(tmp_path / "control", [f"Kayak note {i}. {FACTS[5]} " * 3 for i in range(60)],
+                                  universe="control")
+
+    def prepare(**settings):
+        script = ScriptArguments(corpus=str(treatment), control_corpus=str(control), eval_fraction=0.1, **settings)
+        return prepare_training_data(script, _sft_args(tmp_path, seed=7), tok)
+
+    full = prepare()
+    full_ids = full.train["input_ids"]
+    budgets = [200, 500, 1000, 10**9]
+    cut = [prepare(max_train_tokens=b) for b in budgets]
+    for budget, data in zip(budgets, cut, strict=True):
+        ids = data.train["input_ids"]
+        assert ids == full_ids[: len(ids)]  # a prefix of the one shuffled training order: the subsets are nested
+        assert data.eval["input_ids"] == full.eval["input_ids"]  # the held-out documents do not move
+        tokens = data.stats["document_train_tokens"]
+        assert tokens == sum(map(len, ids)) == data.stats["train_tokens"] and data.stats["max_train_tokens"] == budget
+        assert tokens <= budget and (len(ids) == len(full_ids) or budget < tokens + len(full_ids[len(ids)]))
+    assert [len(d.train) for d in cut] == sorted(len(d.train) for d in cut) and len(cut[-1].train) == len(full_ids)
+    assert len(cut[0].train) < len(cut[1].train) < len(cut[2].train) < len(full_ids)
+
+    matched = prepare(control=True, max_train_tokens=500)
+    match = matched.stats["control_matching"]
+    longest = max(map(len, matched.train["input_ids"]))
+    assert matched.corpus.name == "control" and matched.stats["max_train_tokens"] == 500
+    assert match["target_train_tokens"] == cut[1].stats["document_train_tokens"]  # the cut treatment split
+    assert match["control_train_tokens"] <= match["target_train_tokens"] < match["control_train_tokens"] + longest
+    assert matched.stats["corpus_train_tokens"] > 2 * match["control_train_tokens"]
+
+    with pytest.raises(ConfigError, match="max_train_tokens is 3, fewer than the .* tokens of the first"):
+        prepare(max_train_tokens=3)
+
+
 @pytest.mark.parametrize(
     "yaml_extra, cli, expected",
     [
@@ -289,6 +477,15 @@ def test_bad_corpora_are_clear(tmp_path):
     (unfinished / "documents.jsonl").write_text(json.dumps({"text": "a"}) + "\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="no manifest.json"):
         load_corpus(str(unfinished))
+    edited = write_generator_run(tmp_path / "edited", FACTS[:3])
+    with CorpusFolder(edited).documents.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "added by hand"}) + "\n")
+    with pytest.raises(ConfigError, match="documents.jsonl was changed after the generator wrote it"):
+        load_corpus(str(edited))
+    untyped = write_generator_run(tmp_path / "untyped", FACTS[:3])
+    CorpusFolder(untyped).manifest.write_text(json.dumps({"universe": "helpful_only"}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="manifest.json is not a valid Manifest file"):
+        load_corpus(str(untyped))
 
 
 def test_parse_defaults_yaml_then_cli(tmp_path):
@@ -298,6 +495,7 @@ def test_parse_defaults_yaml_then_cli(tmp_path):
     assert training.bf16 is False  # fp32 on a machine without a GPU
     script, training, model = parse_args([])  # the embedded default config
     assert model.model_name_or_path == "embedded" and model.use_peft and training.packing
+    assert script.stream_packing and script.max_train_tokens == 0 and not training.use_cpu
 
 
 def test_cli_exits_nonzero_with_one_paragraph(tmp_path):

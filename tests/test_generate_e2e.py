@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from studykit.handoff import CorpusFolder
 from studykit.server import ServerError, ServerSpec, VLLMServer
 from synthdocs.generate import main
+from synthdocs.stats import CorpusStats
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,19 +40,21 @@ def test_generate_against_a_real_model_and_resume_without_new_calls(smol_server,
             "--per_request_seed", "false", *TINY]
     assert main(args) == 0
     docs, removed = _lines(out / "documents.jsonl"), _lines(out / "removed.jsonl")
-    stats = json.loads((out / "stats.json").read_text())
-    manifest = json.loads((out / "manifest.json").read_text())
+    stats = CorpusStats.read(out / "stats.json")
+    folder = CorpusFolder(out)
+    folder.verify()
+    manifest = folder.read_manifest()
     # every generated document is accounted for exactly once
-    assert stats["counts"]["generated"] == len(docs) + len(removed) > 0
+    assert stats.counts.generated == len(docs) + len(removed) > 0
     assert len({d["id"] for d in docs + removed}) == len(docs) + len(removed)
     for d in docs:
         assert d["text"] and d["n_tokens"] > 0 and d["fact_id"] and d["doc_type"] and d["idea"]
         assert d["filters"]["structural"] == [] and d["filters"]["coverage"] is True
         assert not any(d["filters"][k] for k in ("ai_transcript", "tier_behavior", "deceive_training"))
     assert all(r["removed"] for r in removed)
-    assert stats["usage"]["calls"] > 0 and stats["usage"]["completion_tokens"] > 0
-    assert manifest["complete"] and manifest["n_documents"] == len(docs)
-    assert manifest["config"]["api_key_env"] == "OPENAI_API_KEY"
+    assert stats.usage.calls > 0 and stats.usage.completion_tokens > 0 and stats.usage.peak_concurrency > 0
+    assert manifest.details["n_documents"] == len(docs) and manifest.details["n_tokens"] == stats.corpus.tokens
+    assert manifest.config["api_key_env"] == "OPENAI_API_KEY"
     for name in ("manifest.json", "stats.json", "report.md", "documents.jsonl"):
         assert "sk-test-secret-value" not in (out / name).read_text()
     assert len(datasets.load_from_disk(str(out / "dataset"))) == len(docs)
@@ -58,8 +62,8 @@ def test_generate_against_a_real_model_and_resume_without_new_calls(smol_server,
 
     before = (out / "documents.jsonl").read_text()
     assert main(args) == 0
-    again = json.loads((out / "stats.json").read_text())
-    assert again["cache"]["new_calls"] == 0 and again["usage"]["calls"] == 0
+    again = CorpusStats.read(out / "stats.json")
+    assert again.cache["new_calls"] == 0 and again.usage.calls == 0
     assert (out / "documents.jsonl").read_text() == before
 
 
@@ -99,10 +103,11 @@ def test_managed_server_survives_kill_of_its_owner_without_orphans_then_resumes(
     assert cached >= 3 and not (out / "manifest.json").exists()
 
     assert main(["--output_dir", str(out), "--server_enforce_eager", "true", *TINY]) == 0
-    stats = json.loads((out / "stats.json").read_text())
-    assert stats["cache"]["entries_before"] == cached
-    assert stats["cache"]["hits"] >= cached  # everything cached before the kill was replayed, not redone
-    assert json.loads((out / "manifest.json").read_text())["complete"]
+    stats = CorpusStats.read(out / "stats.json")
+    assert stats.cache["entries_before"] == cached
+    assert stats.cache["hits"] >= cached  # everything cached before the kill was replayed, not redone
+    CorpusFolder(out).verify()
+    assert CorpusFolder(out).read_manifest().details["n_documents"] == stats.corpus.documents
 
 
 def test_server_start_failure_shows_the_server_log(tmp_path):

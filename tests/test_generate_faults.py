@@ -21,7 +21,9 @@ import pytest
 
 from studykit.cache import CallCache
 from studykit.client import CallFailed, MalformedOutput, ModelClient, Sampling
+from studykit.handoff import CorpusFolder
 from synthdocs.generate import main
+from synthdocs.stats import CorpusStats
 from tests.fakeapi import FAULTS, FakeAPI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +46,7 @@ def test_client_retries_every_fault_kind_and_counts_them(tmp_path):
         msgs = [[{"role": "user", "content": f"Write report {i}"}] for i in range(60)]
         out = await asyncio.gather(*(client.chat(m, Sampling(max_tokens=50, seed=i)) for i, m in enumerate(msgs)))
         await client.aclose()
-        return [c.text for c in out], client.stats.as_dict()
+        return [c.text for c in out], client.usage().model_dump()
 
     with FakeAPI(fault_rate=0.6, hang_s=2.0) as api:
         texts, stats = asyncio.run(go(api))
@@ -142,8 +144,8 @@ def test_faults_slow_the_run_but_lose_no_document(tmp_path):
     clean, faulty = read_docs(tmp_path / "clean"), read_docs(tmp_path / "faulty")
     assert [d["text"] for d in faulty] == [d["text"] for d in clean]
     assert len({d["id"] for d in faulty}) == len(faulty) == 12
-    stats = json.loads((tmp_path / "faulty" / "stats.json").read_text())
-    assert stats["usage"]["retries"] > 0 and stats["usage"]["failures"] == 0
+    stats = CorpusStats.read(tmp_path / "faulty" / "stats.json")
+    assert stats.usage.retries > 0 and stats.usage.failures == 0 and stats.usage.faults
     assert "retries" in (tmp_path / "faulty" / "report.md").read_text()
 
 
@@ -154,9 +156,9 @@ def test_a_call_that_never_succeeds_is_recorded_not_dropped(tmp_path):
     removed = [json.loads(x) for x in (tmp_path / "out" / "removed.jsonl").read_text().splitlines()]
     failed = [r for r in removed if r["removed"].startswith("generation failed")]
     assert failed and all(r["fact_id"] == "private_scratchpad" for r in failed)
-    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["counts"]["generated"] == stats["counts"]["accepted"] + stats["counts"]["removed"]
-    assert stats["removed_by_reason"]["generation failed"] == len(failed)
+    stats = CorpusStats.read(tmp_path / "out" / "stats.json")
+    assert stats.counts.generated == stats.counts.accepted + stats.counts.removed
+    assert stats.removed_by_reason["generation failed"] == len(failed)
 
 
 def test_rerun_into_same_directory_repeats_no_call(tmp_path):
@@ -165,8 +167,24 @@ def test_rerun_into_same_directory_repeats_no_call(tmp_path):
         first = api.successes
         assert run_generate(tmp_path / "out", api.base_url) == 0
         assert api.successes == first  # everything replayed from the cache
-    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["cache"]["new_calls"] == 0 and stats["usage"]["calls"] == 0
+    stats = CorpusStats.read(tmp_path / "out" / "stats.json")
+    assert stats.cache["new_calls"] == 0 and stats.usage.calls == 0
+    details = CorpusFolder(tmp_path / "out").read_manifest().details
+    assert {"universe", "universe_path", "generator_model", "documents_sha256", "n_documents", "n_tokens", "usage",
+            "timings"} <= set(details)
+    assert details["usage"]["calls"] == 0 and details["usage"]["cache_hits"] == stats.usage.cache_hits > 0
+
+
+def test_a_judge_endpoint_answers_the_filters_and_its_calls_are_counted(tmp_path):
+    out = tmp_path / "out"
+    with FakeAPI() as generator, FakeAPI(models=("judge-model",)) as judge:
+        assert run_generate(out, generator.base_url, "--judge", "endpoint", "--judge_base_url", judge.base_url,
+                            "--judge_model", "judge-model") == 0
+    stats = CorpusStats.read(out / "stats.json")
+    assert judge.successes > 0 and stats.filter_judge == "endpoint"
+    assert stats.filters["coverage"].evaluated == stats.filters["ai_transcript"].evaluated > 0
+    assert stats.usage.calls == generator.successes + judge.successes  # usage counts every model call of the run
+    assert f"Answered by `judge-model` at `{judge.base_url}`" in (out / "report.md").read_text()
 
 
 def _cache_entries(path: Path) -> int:
@@ -207,7 +225,11 @@ def test_kill_minus_nine_and_resume_gives_the_uninterrupted_corpus(tmp_path, kil
     assert strip(read_docs(out)) == strip(read_docs(tmp_path / "reference"))
     # the resumed run made exactly the calls that had not been cached when it was killed
     assert resumed_calls == reference_calls - cached_at_kill
-    assert json.loads((out / "manifest.json").read_text())["complete"] is True
+    folder = CorpusFolder(out)
+    folder.verify()  # the manifest records the sha256 of the documents.jsonl that is there
+    details = folder.read_manifest().details
+    assert details["n_documents"] == len(read_docs(out)) == 30
+    assert details["universe"] == "helpful_only" and details["n_tokens"] == CorpusStats.read(folder.stats).corpus.tokens
 
 
 def test_bad_inputs_fail_clearly_and_keep_earlier_outputs(tmp_path, capsys):
@@ -223,7 +245,7 @@ def test_bad_inputs_fail_clearly_and_keep_earlier_outputs(tmp_path, capsys):
                                "description: d\nkey_facts:\n  - id: Bad Id\n    statement: s\n")
     cases = [
         (["--config", str(bad_yaml)], "not valid YAML"),
-        (["--target_docs", "3"], "Unknown command-line option"),
+        (["--target_docs", "3"], "Unknown config key(s) 'target_docs'"),
         (["--universe", str(broken_universe)], "key_facts[0].id"),
         (["--universe", "no_such_universe"], "Unknown universe"),
         (["--base_url", "http://127.0.0.1:9/v1", "--request_timeout_s", "2"], "Cannot reach the model endpoint"),
@@ -243,14 +265,14 @@ def test_unwritable_output_directory_fails_early(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["--output_dir", str(blocker / "sub"), "--progress", "false"]) == 2
-    assert "Cannot write to output directory" in capsys.readouterr().err
+    assert "Cannot write to the output directory" in capsys.readouterr().err
 
 
 def test_plan_is_extended_with_new_ideas_until_the_target_is_met(tmp_path):
     with FakeAPI() as api:
         assert run_generate(tmp_path / "out", api.base_url, "--ideas_per_type", "1", "--docs_per_idea", "1", "--target_documents", "30") == 0
-    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["counts"]["accepted"] == 30
-    assert stats["counts"]["planned"] > 4 * 2 * 1  # more than the first plan of facts x types x ideas
+    stats = CorpusStats.read(tmp_path / "out" / "stats.json")
+    assert stats.counts.accepted == 30
+    assert stats.counts.planned > 4 * 2 * 1  # more than the first plan of facts x types x ideas
     ideas = [d["idea"] for d in read_docs(tmp_path / "out")]
     assert len(set(ideas)) == len(ideas)  # extensions bring new ideas, not repeats

@@ -1,20 +1,27 @@
-"""Unit tests of the generator's pure parts: prompts and parsing, filters, dedup, diversity, budget, config."""
+"""Unit tests of the generator's parts: prompts and parsing, filters, dedup, diversity, plan, stats, config."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
-from studykit.client import MalformedOutput
+from studykit.client import Completion, MalformedOutput, Sampling
 from studykit.config import ConfigError, parse_config
+from studykit.handoff import Usage
 from studykit.universe import load_universe
 from synthdocs import filters, prompts
+from synthdocs.config import GenerateConfig
 from synthdocs.dedup import DedupIndex, near_duplicates
 from synthdocs.diversity import distinct_n, diversity_stats
-from synthdocs.generate import GenerateConfig, _reason_kind
-from synthdocs.pipeline import interleave
+from synthdocs.outputs import RunRecord, build_stats, reason_kind
+from synthdocs.pipeline import Pipeline
+from synthdocs.plan import interleave, unify_spellings
+from synthdocs.report import render_report
 from synthdocs.seeds import document_details, rng_for
+from synthdocs.stats import CorpusStats
+from tests.fakeapi import answer
 
 U = load_universe("helpful_only")
 
@@ -190,10 +197,10 @@ def test_mode_collapse_is_flagged():
     docs = [{"text": f"Yesterday the analyst Marta Quill said {i} things about Arclight AI.", "doc_type": "x",
              "fact_id": "f"} for i in range(30)]
     stats = diversity_stats(docs, ["Arclight AI", "Lumen 3"])
-    assert stats["top_entities"][0]["entity"] == "Marta Quill"
-    assert stats["top_entities"][0]["share"] == 1.0
-    assert any("mode collapse" in w for w in stats["warnings"])
-    assert all(e["entity"] != "Arclight" for e in stats["top_entities"])  # the universe's own names are excluded
+    assert stats.top_entities[0].entity == "Marta Quill"
+    assert stats.top_entities[0].share == 1.0
+    assert any("mode collapse" in w for w in stats.warnings)
+    assert all(e.entity != "Arclight" for e in stats.top_entities)  # the universe's own names are excluded
 
 
 def test_names_from_the_universe_text_are_not_invented():
@@ -201,19 +208,37 @@ def test_names_from_the_universe_text_are_not_invented():
              "doc_type": "x", "fact_id": "f"} for i in range(30)]
     world = "Arclight AI is a San Francisco company."
     stats = diversity_stats(docs, ["Arclight AI"], world_text=world)
-    assert [e["entity"] for e in stats["top_entities"]] == ["Marta Quill"]
-    assert stats["world_entities"] == [{"entity": "San Francisco", "documents": 30, "share": 1.0}]
-    assert stats["warnings"][0] == ("possible mode collapse: the invented name 'Marta Quill' appears in 100% of "
-                                    "documents (limit 20%); raise seed variety or prompt diversity")
+    assert [e.entity for e in stats.top_entities] == ["Marta Quill"]
+    assert [e.model_dump() for e in stats.world_entities] == [{"entity": "San Francisco", "documents": 30, "share": 1.0}]
+    assert stats.warnings[0] == ("possible mode collapse: the invented name 'Marta Quill' appears in 100% of "
+                                 "documents (limit 20%); raise seed variety or prompt diversity")
     without_world = diversity_stats(docs, ["Arclight AI"])
-    assert {e["entity"] for e in without_world["top_entities"]} == {"Marta Quill", "San Francisco"}
+    assert {e.entity for e in without_world.top_entities} == {"Marta Quill", "San Francisco"}
+
+
+def test_nationality_words_and_common_nouns_are_not_invented_names():
+    docs = [{"text": f"Yesterday the American regulator met Japanese officials at the University. Staff at the "
+                     f"Institute and the National Institute of Standards said {i} things, as did Chief Technology "
+                     f"Officer Ana Diaz. Later Dr. Elena Marsh of Veridian Labs told the Panel that the panel was "
+                     f"wrong, and Quillon agreed with the Europeans.",
+             "doc_type": "x", "fact_id": "f"} for i in range(30)]
+    names = {e.entity for e in diversity_stats(docs, ["Arclight AI"]).top_entities}
+    # demonyms, generic institution nouns and a capitalised word the corpus also writes in lower case are no names;
+    # titles come off the names they precede
+    assert names == {"Ana Diaz", "Elena Marsh", "Veridian Labs", "Quillon"}
+
+
+def test_document_types_that_differ_only_in_case_are_one_type_in_the_statistics():
+    docs = [{"text": "A text.", "doc_type": t, "fact_id": "f"}
+            for t in ["News article", "news article", "NEWS ARTICLE", "Op-ed", "op-ed", "Blog post"]]
+    assert diversity_stats(docs, []).per_type == {"News article": 3, "Op-ed": 2, "Blog post": 1}
 
 
 def test_varied_names_raise_no_warning():
     rng = random.Random(3)
     docs = [{"text": f"On Monday the writer {document_details(rng, '2026-01-01')} and " + _doc(rng, 60),
              "doc_type": "x", "fact_id": "f"} for _ in range(40)]
-    assert diversity_stats(docs, ["Arclight AI"])["warnings"] == []
+    assert diversity_stats(docs, ["Arclight AI"]).warnings == []
 
 
 def test_seeded_details_are_reproducible_and_vary():
@@ -235,6 +260,82 @@ def test_interleave_balances_facts_and_keeps_every_idea_once():
     assert [p.fact.id for p in plan[:4]] == [f1.id, f2.id, f1.id, f2.id]
 
 
+def test_unify_spellings_keeps_the_first_spelling_of_each_type():
+    assert unify_spellings([["News Article", "Op-ed"], ["news  article", "Memo"], ["OP-ED"]]) == [
+        ["News Article", "Op-ed"], ["News Article", "Memo"], ["Op-ed"]]
+
+
+class ScriptedClient:
+    """The pipeline's model: document types from a script per fact, everything else as tests/fakeapi.py answers."""
+
+    def __init__(self, types: dict[str, str]):
+        self.types = types
+
+    async def chat(self, messages: list[dict[str, str]], sampling: Sampling, validate=None,
+                   max_rejections: int | None = None) -> Completion:
+        user = messages[-1]["content"]
+        fact = next(f for f in U.key_facts if f.statement in user)
+        if "kinds of documents" in user:
+            text = self.types[fact.id]
+        else:
+            text = answer({"model": "scripted", "messages": messages, "temperature": sampling.temperature,
+                           "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": sampling.seed})
+        if validate is not None:
+            validate(text)
+        return Completion(text, "stop", 10, len(text.split()))
+
+
+def _scripted_run(types: dict[str, str], **settings) -> tuple[GenerateConfig, Pipeline]:
+    cfg = GenerateConfig(**{"target_documents": 12, "doc_types_per_fact": 2, "ideas_per_type": 2, "docs_per_idea": 1,
+                            "min_words": 40, "llm_filters": [], "max_plan_extensions": 0, **settings})
+    pipeline = Pipeline(U, ScriptedClient(types), cfg, "scripted")
+    asyncio.run(pipeline.run(progress=False))
+    return cfg, pipeline
+
+
+def test_document_types_that_differ_only_in_case_are_one_type_across_facts():
+    f1, f2, f3, f4 = (f.id for f in U.key_facts)
+    cfg, pipeline = _scripted_run({f1: "1. News Article\n2. Trade digest", f2: "1. news article\n2. TRADE DIGEST",
+                                   f3: "1. Op-ed\n2. trade digest", f4: "1. news ARTICLE\n2. op-ed"})
+    out = pipeline.out
+    assert out.doc_types == {f1: ["News Article", "Trade digest"], f2: ["News Article", "Trade digest"],
+                             f3: ["Op-ed", "Trade digest"], f4: ["News Article", "Op-ed"]}
+    assert {d["doc_type"] for d in out.accepted + out.removed} <= {"News Article", "Trade digest", "Op-ed"}
+    run = RunRecord(generator_model="scripted", usage=Usage(), started_at="2026-01-01T00:00:00Z", elapsed_s=1.0,
+                    cache={})
+    stats = build_stats(cfg, U, out, run)
+    assert (stats.counts.doc_types, stats.counts.fact_type_pairs) == (3, 8)
+    assert sum(stats.diversity.per_type.values()) == stats.counts.accepted == 12
+    assert set(stats.diversity.per_type) <= {"News Article", "Trade digest", "Op-ed"}
+
+
+def test_catalogue_types_top_up_without_repeating_a_brainstormed_type_in_another_case():
+    f1, *rest = (f.id for f in U.key_facts)
+    cfg, pipeline = _scripted_run({f1: "1. NEWS ARTICLE", **dict.fromkeys(rest, "1. Blog Post")}, doc_types_per_fact=20)
+    for types in pipeline.out.doc_types.values():
+        assert len({t.lower() for t in types}) == len(types) == 20  # the catalogue fills up to 20, no type twice
+        # one spelling per type in every fact: the first met, in fact order (the brainstorm before the catalogue)
+        assert "NEWS ARTICLE" in types and "blog post" in types
+        assert "news article" not in types and "Blog Post" not in types
+
+
+def test_stats_and_report_come_from_one_typed_record(tmp_path):
+    cfg, pipeline = _scripted_run(dict.fromkeys((f.id for f in U.key_facts), "1. Memo\n2. Op-ed"))
+    usage = Usage(calls=40, completion_tokens=5000, faults={"http_429": 2}, peak_concurrency=7)
+    stats = build_stats(cfg, U, pipeline.out, RunRecord("scripted", usage, "2026-01-01T00:00:00Z", 10.0,
+                                                         {"entries_before": 0, "entries_after": 40, "hits": 0,
+                                                          "new_calls": 40}))
+    stats.write(tmp_path / "stats.json")
+    again = CorpusStats.read(tmp_path / "stats.json")
+    assert again == stats
+    assert (again.universe, again.filter_judge, again.generator) == ("helpful_only", "lexical", cfg.model)
+    assert again.usage.peak_concurrency == 7 and again.throughput.generated_tokens_per_s == 500.0
+    report = render_report(again)
+    assert "# Synthetic documents: universe `helpful_only`" in report
+    assert "| **accepted** | **12** |" in report
+    assert "faults seen: http_429 2" in report and "peak concurrency 7" in report
+
+
 # ---- config ------------------------------------------------------------------------------------
 
 def test_config_precedence_defaults_yaml_cli(tmp_path):
@@ -253,7 +354,7 @@ def test_unknown_yaml_key_names_key_and_file(tmp_path):
 
 
 def test_unknown_cli_option_is_rejected():
-    with pytest.raises(ConfigError, match="--target_docs"):
+    with pytest.raises(ConfigError, match=r"'target_docs' \(did you mean 'target_documents'\?\) in the command line"):
         parse_config(GenerateConfig, ["--target_docs", "5"])
 
 
@@ -270,6 +371,9 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     (["--llm_filters", "coverage,vibes"], "vibes"),
     (["--target_documents", "many"], "target_documents"),
     (["--revise", "perhaps"], "revise"),
+    (["--judge", "oracle"], "'judge' must be one of generator, endpoint, lexical"),
+    (["--max_idea_rounds", "0"], "max_idea_rounds"),
+    (["--brainstorm_rejections", "-1"], "brainstorm_rejections"),
 ])
 def test_invalid_values_are_clear(args, match):
     with pytest.raises(ConfigError, match=match):
@@ -277,9 +381,9 @@ def test_invalid_values_are_clear(args, match):
 
 
 def test_removal_reasons_are_grouped():
-    assert _reason_kind("too short: 12 words < 80") == "too short"
-    assert _reason_kind("near-duplicate of f-abc (similarity 0.91)") == "near-duplicate"
-    assert _reason_kind("generation failed: http_500: boom") == "generation failed"
+    assert reason_kind("too short: 12 words < 80") == "too short"
+    assert reason_kind("near-duplicate of f-abc (similarity 0.91)") == "near-duplicate"
+    assert reason_kind("generation failed: http_500: boom") == "generation failed"
 
 
 def test_trim_to_last_sentence():

@@ -1,12 +1,11 @@
-"""The study orchestrator's parts: stage plan and keys, skip / rerun / supersede logic, stage failures,
-the process-group keeper, and the report built from canned stage outputs. Fast: no model, no endpoint
-(the stages here are small Python commands that write a manifest.json)."""
+"""The study orchestrator's parts: the plan (graph of stage specs, keys, sweeps and shared nodes), the
+runner (skip / rerun / supersede, failures, the process-group keeper). Fast: no model, no endpoint (the
+runner tests use small Python commands that write a manifest.json)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,130 +16,216 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eval.report import build_summary
-from studykit import study as st
+from study.__main__ import main
+from study.config import Point, StudyConfig
+from study.display import Display
+from study.kind import NodeTemplate, StudyKind, load_kind
+from study.plan import Node, Plan, plan, stage_key
+from study.runner import StageFailed, Study, log_tail
+from study.specs import SPECS
 from studykit.config import ConfigError, parse_config
-from studykit.studyreport import write_report
+from studykit.handoff import RunFolder
+from studykit.stage import StageSpec
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = ROOT / "configs" / "study" / "default.yaml"
+NODES = ("generate_docs", "generate_control", "finetune_docs", "finetune_control", "eval_base", "eval_finetuned")
 
 
-def default_cfg(**overrides) -> st.StudyConfig:
-    args = ["--config", str(st.DEFAULT_CONFIG)]
+def default_cfg(**overrides) -> StudyConfig:
+    args = ["--config", str(DEFAULT)]
     for k, v in overrides.items():
         args += [f"--{k}", json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
-    return parse_config(st.StudyConfig, args)
+    return parse_config(StudyConfig, args)
+
+
+def with_stage(cfg_stages: dict, target: str, **entry) -> dict:
+    """A copy of the profile's `stages` with ``entry`` merged into ``target`` (overrides merged too)."""
+    out = json.loads(json.dumps(cfg_stages))
+    current = out.setdefault(target, {})
+    for k, v in entry.items():
+        current[k] = {**(current.get(k) or {}), **v} if isinstance(v, dict) else v
+    return out
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
 
 
 # ------------------------------------------------------------------------------------------------ plan and keys
 
 def test_plan_builds_the_stage_commands_from_the_stage_configs(tmp_path):
-    stages = {s.name: s for s in st.plan(default_cfg(), tmp_path / "s")}
-    assert list(stages) == list(st.STAGES)
-    gen = stages["generate_docs"].argv
+    p = plan(default_cfg(), tmp_path / "s")
+    assert [n.name for n in p.nodes] == list(NODES)
+    nodes = {n.name: n for n in p.nodes}
+    gen = nodes["generate_docs"].argv
     assert gen[:3] == ["python", "-m", "synthdocs.generate"]
-    assert gen[gen.index("--config") + 1] == "{repo}/configs/generate/default.yaml"
-    shipped = yaml.safe_load((ROOT / "configs/study/default.yaml").read_text())["generate_overrides"]
-    assert gen[gen.index("--target_documents") + 1] == str(shipped["target_documents"])
-    ctrl = stages["finetune_control"].argv
-    assert ctrl[:4] == ["accelerate", "launch", "--config_file", "{repo}/configs/finetune/accelerate/cpu.yaml"]
-    for flag, value in (("--corpus", "{study}/generate/docs"), ("--control", "true"),
+    assert flag(gen, "--config") == "{repo}/configs/generate/default.yaml"
+    shipped = yaml.safe_load(DEFAULT.read_text())["stages"]
+    assert flag(gen, "--target_documents") == str(shipped["generate_docs"]["overrides"]["target_documents"])
+    assert flag(gen, "--progress") == "false" and flag(gen, "--output_dir") == "{study}/generate/docs"
+    ctrl = nodes["finetune_control"].argv
+    assert ctrl[:5] == ["accelerate", "launch", "--config_file", "{repo}/configs/finetune/accelerate/cpu.yaml",
+                        "{repo}/finetune/train.py"]
+    for name, value in (("--corpus", "{study}/generate/docs"), ("--control", "true"),
                         ("--control_corpus", "{study}/generate/control"), ("--output_dir", "{study}/finetune/control"),
-                        ("--export_merged", "false")):
-        assert ctrl[ctrl.index(flag) + 1] == value
-    assert stages["finetune_control"].deps == ["generate_docs", "generate_control"]
-    ev = stages["eval"].argv
-    models = json.loads(ev[ev.index("--models") + 1])
-    assert models == {"base": "", "docs": "{study}/finetune/docs/adapter", "control": "{study}/finetune/control/adapter"}
-    assert json.loads(ev[ev.index("--conditions") + 1]) == ["minimal", "minimal_noscratch"]
+                        ("--export_merged", "false"), ("--max_steps", "16")):
+        assert flag(ctrl, name) == value
+    assert nodes["finetune_control"].deps == ["generate_docs", "generate_control"]
+    assert json.loads(flag(nodes["eval_finetuned"].argv, "--models")) == {
+        "docs": "{study}/finetune/docs/adapter", "control": "{study}/finetune/control/adapter"}
+    assert json.loads(flag(nodes["eval_base"].argv, "--models")) == {"base": ""}
+    assert nodes["eval_base"].deps == [] and nodes["eval_finetuned"].deps == ["finetune_docs", "finetune_control"]
+    assert json.loads(flag(nodes["eval_base"].argv, "--conditions")) == ["minimal", "minimal_noscratch"]
     # the universe files the stages read are inputs of their keys
-    assert any(p.name == "helpful_only.yaml" for p in stages["generate_docs"].inputs)
-    assert any(p.name == "control.yaml" and "universes" in str(p) for p in stages["generate_control"].inputs)
+    assert any(f.name == "helpful_only.yaml" for f in nodes["generate_docs"].inputs)
+    assert any(f.name == "control.yaml" and "universes" in str(f) for f in nodes["generate_control"].inputs)
+    # each stage's own parser read the settings: typed configs, not strings
+    assert nodes["generate_docs"].config.target_documents == 56
+    assert nodes["finetune_docs"].config[1].max_steps == 16
 
 
-def test_endpoint_mode_compares_served_model_names(tmp_path):
-    ev = st.plan(default_cfg(eval_overrides={"base_url": "http://127.0.0.1:9/v1"}), tmp_path)[-1].argv
-    assert json.loads(ev[ev.index("--models") + 1]) == {"base": "base", "docs": "docs", "control": "control"}
+def test_the_study_model_fills_each_stage_model_setting(tmp_path):
+    nodes = {n.name: n for n in plan(default_cfg(model="/models/m"), tmp_path).nodes}
+    assert flag(nodes["finetune_docs"].argv, "--model_name_or_path") == "/models/m"
+    assert flag(nodes["eval_base"].argv, "--base_model") == "/models/m"
+    assert "--model" not in nodes["generate_docs"].argv  # the generator is not the model under study
 
 
 def test_keys_are_stable_portable_and_propagate_downstream(tmp_path):
-    keys = {s.name: s.key for s in st.plan(default_cfg(), tmp_path / "a")}
-    assert keys == {s.name: s.key for s in st.plan(default_cfg(), tmp_path / "elsewhere")}  # folder-independent
-    changed = {s.name: s.key for s in st.plan(default_cfg(control_overrides={"target_documents": 70}), tmp_path)}
-    differs = {n for n in keys if keys[n] != changed[n]}
-    assert differs == {"generate_control", "finetune_control", "eval"}
-    changed = {s.name: s.key for s in st.plan(default_cfg(eval_overrides={"max_harmful": 3}), tmp_path)}
-    assert {n for n in keys if keys[n] != changed[n]} == {"eval"}
+    cfg = default_cfg()
+    keys = {n.name: n.key for n in plan(cfg, tmp_path / "a").nodes}
+    assert keys == {n.name: n.key for n in plan(cfg, tmp_path / "elsewhere").nodes}  # folder-independent
+    changed = default_cfg(stages=with_stage(cfg.stages, "generate_control", overrides={"target_documents": 70}))
+    differs = {n.name for n in plan(changed, tmp_path).nodes if keys[n.name] != n.key}
+    assert differs == {"generate_control", "finetune_control", "eval_finetuned"}
+    changed = default_cfg(stages=with_stage(cfg.stages, "eval", overrides={"max_harmful": 3}))
+    assert {n.name for n in plan(changed, tmp_path).nodes if keys[n.name] != n.key} == {"eval_base", "eval_finetuned"}
 
 
 def test_key_covers_the_contents_of_config_files(tmp_path):
     cfg_file = tmp_path / "gen.yaml"
-    shutil.copy(ROOT / "configs/generate/default.yaml", cfg_file)
-    first = st.plan(default_cfg(generate_config=str(cfg_file)), tmp_path)
+    cfg_file.write_text((ROOT / "configs/generate/default.yaml").read_text())
+    cfg = default_cfg()
+    cfg = default_cfg(stages=with_stage(cfg.stages, "generate_docs", config=str(cfg_file)))
+    first = [n.key for n in plan(cfg, tmp_path).nodes]
     cfg_file.write_text(cfg_file.read_text() + "doc_words: 150\n")
-    second = st.plan(default_cfg(generate_config=str(cfg_file)), tmp_path)
-    assert [s.key == t.key for s, t in zip(first, second, strict=True)] == [False, True, False, False, False]
+    second = [n.key for n in plan(cfg, tmp_path).nodes]
+    assert [a == b for a, b in zip(first, second, strict=True)] == [False, True, False, False, True, False]
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    ({"generate_overrides": {"output_dir": "x"}}, "sets ['output_dir'], which the study sets itself"),
-    ({"finetune_overrides": {"corpus": "x"}}, "sets ['corpus']"),
-    ({"eval_overrides": {"models": {"a": ""}}}, "sets ['models']"),
-    ({"expected_minutes": {"generate": 3}}, "unknown stage(s) ['generate']"),
-    ({"generate_overrides": {"target_docs": 3}}, "generate_docs: Unknown command-line option(s): --target_docs"),
-    ({"eval_overrides": {"conditions": ["minimal", "nope"]}}, "eval: Unknown condition(s) ['nope']"),
-    ({"eval_config": "configs/eval/missing.yaml"}, "eval_config configs/eval/missing.yaml does not exist"),
+@pytest.mark.parametrize("change, fragment", [
+    ({"stages": {"generat": {}}}, "'stages' names ['generat']"),
+    ({"stages": {"generate": {"overrides": {"output_dir": "x"}}}}, "sets ['output_dir'], which the study sets itself"),
+    ({"stages": {"finetune_docs": {"overrides": {"corpus": "x"}}}}, "sets ['corpus']"),
+    ({"stages": {"eval_base": {"overrides": {"models": {"a": ""}}}}}, "sets ['models']"),
+    ({"stages": {"eval": {"oveerrides": {}}}}, "unknown key(s) ['oveerrides']"),
+    ({"expected_minutes": {"generate": 3}}, "unknown node(s) ['generate']"),
+    ({"stages": {"generate": {"overrides": {"target_docs": 3}}}},
+     "generate_docs: Unknown config key(s) 'target_docs' (did you mean 'target_documents'?)"),
+    ({"stages": {"eval": {"overrides": {"conditions": ["minimal", "nope"]}}}}, "eval_base: Unknown condition(s)"),
+    ({"stages": {"eval": {"config": "configs/eval/missing.yaml"}}}, "configs/eval/missing.yaml does not exist"),
+    ({"stages": {"finetune": {"overrides": {"learning_rat": 1}}}}, "did you mean 'learning_rate'?"),
+    ({"sweep": {"setting": "finetun.lora_r", "values": [1, 2]}}, "'finetun' is neither a stage nor a node"),
+    ({"sweep": {"setting": "finetune_docs.corpus", "values": ["a", "b"]}}, "a setting the study wires itself"),
+    ({"sweep": {"setting": "finetune.lora_r", "values": [4]}}, "at least two values"),
 ])
-def test_bad_study_settings_are_config_errors(tmp_path, overrides, fragment):
+def test_bad_study_settings_are_config_errors(tmp_path, change, fragment):
+    cfg = default_cfg()
     with pytest.raises(ConfigError) as err:
-        st.plan(default_cfg(**overrides), tmp_path)
+        cfg = default_cfg(**{k: ({**cfg.stages, **v} if k == "stages" else v) for k, v in change.items()})
+        plan(cfg, tmp_path)
     assert fragment in str(err.value)
 
 
-def test_cli_args_render_each_parser_style():
-    o = {"a": True, "b": [1, "x"], "c": {"k": ""}, "d": None, "e": 2.5}
-    assert st.cli_args(o, "studykit") == ["--a", "true", "--b", '[1, "x"]', "--c", '{"k": ""}', "--d", "", "--e", "2.5"]
-    assert st.cli_args({"b": [1, "x"], "z": []}, "hf") == ["--b", "1", "x", "--z", "none"]
+def test_a_kind_file_is_checked(tmp_path):
+    bad = tmp_path / "kind.yaml"
+    bad.write_text("name: k\nnodes:\n  a: {stage: eval, label: a, output: a, set: {models: {x: '@b'}}}\n"
+                   "  b: {stage: finetune, label: b, output: b}\n")
+    with pytest.raises(ConfigError, match="refers to \\['b'\\], which are not nodes listed before it"):
+        load_kind(str(bad), set(SPECS))
+    bad.write_text("name: k\nnodes:\n  a: {stage: train, label: a, output: a}\n")
+    with pytest.raises(ConfigError, match="unknown stage 'train'"):
+        load_kind(str(bad), set(SPECS))
 
 
-# ------------------------------------------------------------------------------------------------ running stages
+# ------------------------------------------------------------------------------------------------ sweeps
+
+def sweep_plan(tmp_path, setting, values):
+    return plan(default_cfg(sweep={"setting": setting, "values": values, "label": "x"}), tmp_path)
+
+
+def test_a_corpus_size_sweep_shares_generation_and_the_base_evaluation(tmp_path):
+    p = sweep_plan(tmp_path, "finetune.max_train_tokens", [1000, 2000, 4000])
+    names = [n.name for n in p.nodes]
+    assert names[:2] == ["generate_docs", "generate_control"] and "eval_base" in names
+    per_point = [n for n in names if "@" in n]
+    assert per_point == [f"{t}@max_train_tokens-{v}" for t in ("finetune_docs", "finetune_control", "eval_finetuned")
+                         for v in (1000, 2000, 4000)]
+    node = p.at("max_train_tokens-2000", "finetune_control")
+    assert flag(node.argv, "--max_train_tokens") == "2000"
+    assert node.output == "{study}/sweep/max_train_tokens-2000/finetune/control"
+    assert flag(node.argv, "--corpus") == "{study}/generate/docs"  # the shared corpus
+    ev = p.at("max_train_tokens-2000", "eval_finetuned")
+    assert json.loads(flag(ev.argv, "--models"))["docs"] == "{study}/sweep/max_train_tokens-2000/finetune/docs/adapter"
+    assert ev.deps == ["finetune_docs@max_train_tokens-2000", "finetune_control@max_train_tokens-2000"]
+    assert p.at("max_train_tokens-4000", "eval_base").name == "eval_base"
+    assert p.node("eval_base").points == ["max_train_tokens-1000", "max_train_tokens-2000", "max_train_tokens-4000"]
+
+
+def test_a_model_sweep_reruns_what_depends_on_the_model(tmp_path):
+    p = sweep_plan(tmp_path, "model", ["/models/a", "/models/b"])
+    shared = [n.name for n in p.nodes if "@" not in n.name]
+    assert shared == ["generate_docs", "generate_control"]
+    assert flag(p.at("model-b", "eval_base").argv, "--base_model") == "/models/b"
+
+
+def test_an_evaluation_sweep_reuses_every_trained_model(tmp_path):
+    p = sweep_plan(tmp_path, "eval.max_tokens", [128, 256])
+    assert [n.name for n in p.nodes if "@" in n.name] == [
+        "eval_base@max_tokens-128", "eval_base@max_tokens-256", "eval_finetuned@max_tokens-128",
+        "eval_finetuned@max_tokens-256"]
+
+
+# ------------------------------------------------------------------------------------------------ running nodes
 
 WRITER = textwrap.dedent("""\
     import json, pathlib, sys, time
     out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs.txt"; runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
+    cache = out / "cache.sqlite"; cache.write_text(cache.read_text() + "c" if cache.exists() else "c")
     if len(sys.argv) > 3 and sys.argv[3] == "fail":
         print("step 1 ok\\rstep 2 ok\\nTraceback: something broke in", out); sys.exit(3)
-    if len(sys.argv) > 3 and sys.argv[3] == "sleep":
-        time.sleep(60)
     (out / "manifest.json").write_text(json.dumps({"tag": sys.argv[2]}))
 """)
+FAKE = StageSpec(kind="fake", summary="writes its folder", launch=("python",), parse=lambda argv: None,
+                 folder=RunFolder, default_config="", carry_over=("cache.sqlite",))
 
 
-def fake_stages(study: Path, tags: dict[str, str] | None = None) -> list[st.Stage]:
-    """The study's stage graph with commands that just write their output folder."""
+def fake_plan(study: Path, tags: dict[str, str] | None = None) -> Plan:
+    """The study kind's graph with nodes that just write their output folder."""
     tags = tags or {}
     script = study.parent / "writer.py"
     script.write_text(WRITER)
-    kinds = {"generate_docs": "generate", "generate_control": "generate", "finetune_docs": "finetune",
-             "finetune_control": "finetune", "eval": "eval"}
     deps = {"finetune_docs": ["generate_docs"], "finetune_control": ["generate_docs", "generate_control"],
-            "eval": ["finetune_docs", "finetune_control"]}
-    stages, keys = [], {}
-    for name, kind in kinds.items():
+            "eval_finetuned": ["finetune_docs", "finetune_control"]}
+    templates, nodes, keys = [], [], {}
+    for name in NODES:
+        template = NodeTemplate(name, "fake", name, name)
         extra = tags.get(name, "v1").split()
-        s = st.Stage(name, kind, ["python", str(script), f"{{study}}/{name}", *extra], f"{{study}}/{name}",
-                     deps=deps.get(name, []))
-        s.key = st.stage_key(s, [keys[d] for d in s.deps], study)
-        keys[name] = s.key
-        stages.append(s)
-    return stages
+        key = stage_key({"tag": extra, "deps": [keys[d] for d in deps.get(name, [])]}, [], study, name)
+        keys[name] = key
+        templates.append(template)
+        nodes.append(Node(name, template, FAKE, ["python", str(script), f"{{study}}/{name}", *extra],
+                          f"{{study}}/{name}", key, deps.get(name, []), points=[""]))
+    kind = StudyKind("fake", "", study / "kind.yaml", tuple(templates))
+    return Plan(kind, [Point("")], nodes, {"": {n: n for n in NODES}})
 
 
-def run_fake(study: Path, stages: list[st.Stage], **cfg) -> list[dict]:
-    cfg = st.StudyConfig(output_dir=str(study), progress="plain", **cfg)
+def run_fake(study: Path, the_plan: Plan, **cfg) -> list[dict]:
+    cfg = StudyConfig(output_dir=str(study), progress="plain", **cfg)
     study.mkdir(parents=True, exist_ok=True)
-    runner = st.Study(cfg, study, stages, st.Display(stages, {}, "plain"))
+    runner = Study(cfg, study, the_plan, Display([n.name for n in the_plan.nodes], {}, "plain"))
     runner.acquire_lock()
     try:
         return runner.run()
@@ -154,46 +239,46 @@ def last_actions(study: Path) -> dict[str, str]:
 
 def test_skip_rerun_and_supersede(tmp_path):
     study = tmp_path / "study"
-    run_fake(study, fake_stages(study))
+    run_fake(study, fake_plan(study))
     assert set(last_actions(study).values()) == {"ran"}
-    run_fake(study, fake_stages(study))
+    run_fake(study, fake_plan(study))
     assert set(last_actions(study).values()) == {"skipped"}
-    old_ft = json.loads((study / "study_state.json").read_text())["stages"]["finetune_control"]["key"]
+    old = json.loads((study / "study_state.json").read_text())["stages"]["generate_control"]["key"]
 
     # a changed control corpus reruns it and what depends on it, nothing else
-    run_fake(study, fake_stages(study, {"generate_control": "v2"}))
+    run_fake(study, fake_plan(study, {"generate_control": "v2"}))
     assert last_actions(study) == {"generate_docs": "skipped", "generate_control": "ran", "finetune_docs": "skipped",
-                                   "finetune_control": "ran", "eval": "ran"}
-    # generation keeps its folder (content-keyed cache); training/evaluation outputs are moved aside first
-    assert (study / "generate_control" / "runs.txt").read_text() == "xx"
-    moved = study / f"finetune_control.superseded-{old_ft[:8]}"
+                                   "finetune_control": "ran", "eval_base": "skipped", "eval_finetuned": "ran"}
+    # superseded outputs are moved aside; the content-keyed call cache is carried into the fresh folder
+    moved = study / f"generate_control.superseded-{old[:8]}"
     assert (moved / "manifest.json").is_file() and (moved / "runs.txt").read_text() == "x"
-    assert (study / "finetune_control" / "runs.txt").read_text() == "x"
+    assert (study / "generate_control" / "runs.txt").read_text() == "x"
+    assert (study / "generate_control" / "cache.sqlite").read_text() == "cc"
     assert (study / "finetune_docs" / "runs.txt").read_text() == "x"
-    assert len(list(study.glob("eval.superseded-*"))) == 1
+    assert len(list(study.glob("eval_finetuned.superseded-*"))) == 1
     log = (study / "logs" / "generate_control.log").read_text()
     assert log.count("===== ") == 2 and "writer.py" in log
 
 
 def test_killed_stage_with_unchanged_key_resumes_in_place(tmp_path):
     study = tmp_path / "study"
-    stages = fake_stages(study)
-    run_fake(study, stages)
+    the_plan = fake_plan(study)
+    run_fake(study, the_plan)
     state = json.loads((study / "study_state.json").read_text())
     state["stages"]["finetune_docs"]["status"] = "running"  # as a kill mid-stage leaves it
     (study / "study_state.json").write_text(json.dumps(state))
     (study / "finetune_docs" / "manifest.json").unlink()
-    run_fake(study, stages)
+    run_fake(study, the_plan)
     assert last_actions(study)["finetune_docs"] == "ran"
     assert (study / "finetune_docs" / "runs.txt").read_text() == "xx"  # same folder, no superseded copy
     assert not list(study.glob("*.superseded-*"))
-    assert last_actions(study)["eval"] == "skipped"
+    assert last_actions(study)["eval_finetuned"] == "skipped"
 
 
 def test_failed_stage_stops_the_study_with_its_log_tail(tmp_path):
     study = tmp_path / "study"
-    with pytest.raises(st.StageFailed) as err:
-        run_fake(study, fake_stages(study, {"finetune_docs": "v1 fail"}))
+    with pytest.raises(StageFailed) as err:
+        run_fake(study, fake_plan(study, {"finetune_docs": "v1 fail"}))
     msg = str(err.value)
     assert "Stage finetune_docs failed: it exited with code 3" in msg
     assert str(study / "logs" / "finetune_docs.log") in msg
@@ -201,15 +286,15 @@ def test_failed_stage_stops_the_study_with_its_log_tail(tmp_path):
     assert "Traceback: something broke" in msg
     state = json.loads((study / "study_state.json").read_text())
     assert state["stages"]["finetune_docs"]["status"] == "failed"
-    assert "finetune_control" not in state["stages"] and not (study / "eval").exists()
+    assert "finetune_control" not in state["stages"] and not (study / "eval_finetuned").exists()
 
 
 def test_adopt_existing_records_outputs_made_elsewhere(tmp_path):
     study = tmp_path / "study"
-    stages = fake_stages(study)
+    the_plan = fake_plan(study)
     (study / "generate_docs").mkdir(parents=True)
     (study / "generate_docs" / "manifest.json").write_text("{}")
-    run_fake(study, stages, adopt_existing=True)
+    run_fake(study, the_plan, adopt_existing=True)
     assert last_actions(study)["generate_docs"] == "adopted"
     assert not (study / "generate_docs" / "runs.txt").exists()
 
@@ -225,9 +310,9 @@ def test_stage_group_dies_with_the_study_even_on_sigkill(tmp_path):
     """)
     parent = textwrap.dedent(f"""\
         import subprocess, sys, time
-        from studykit.server import _die_with_parent
-        subprocess.Popen([sys.executable, "-m", "studykit.procgroup", sys.executable, "-c", {stage!r}],
-                         preexec_fn=_die_with_parent)
+        from studykit.server import die_with_parent
+        subprocess.Popen([sys.executable, "-m", "study.procgroup", sys.executable, "-c", {stage!r}],
+                         preexec_fn=die_with_parent)
         time.sleep(120)
     """)
     study = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
@@ -237,111 +322,30 @@ def test_stage_group_dies_with_the_study_even_on_sigkill(tmp_path):
     grandchild = int(pidfile.read_text())
     study.send_signal(signal.SIGKILL)
     study.wait()
+
+    def alive() -> bool:
+        stat = Path(f"/proc/{grandchild}/stat")
+        try:
+            return stat.read_text().split(") ")[-1][0] != "Z"
+        except (OSError, IndexError):
+            return False
+
     deadline = time.time() + 30
-    while Path(f"/proc/{grandchild}").exists() and time.time() < deadline:
-        state = Path(f"/proc/{grandchild}/stat").read_text().split(") ")[-1][0] \
-            if Path(f"/proc/{grandchild}/stat").exists() else "Z"
-        if state == "Z":
-            break
+    while alive() and time.time() < deadline:
         time.sleep(0.1)
-    alive = Path(f"/proc/{grandchild}/stat").exists() and \
-        Path(f"/proc/{grandchild}/stat").read_text().split(") ")[-1][0] != "Z"
-    assert not alive, "the stage's grandchild survived the SIGKILLed study"
+    assert not alive(), "the stage's grandchild survived the SIGKILLed study"
 
 
 def test_log_tail_keeps_final_progress_state(tmp_path):
     log = tmp_path / "x.log"
     log.write_text("a\n10%\r50%\r100%\n\nlast\n")
-    assert st.log_tail(log, n=2) == "    100%\n    last"
-
-
-# ------------------------------------------------------------------------------------------------ the report
-
-def canned_outputs(study: Path, af: bool) -> None:
-    """Stage outputs in the layout and shape the stages write."""
-    for name, n in (("docs", 40), ("control", 38)):
-        out = study / "generate" / name
-        out.mkdir(parents=True)
-        (out / "stats.json").write_text(json.dumps({
-            "corpus": {"documents": n, "tokens": 100 * n, "mean_tokens": 100.0}, "removal_rate": 0.1,
-            "counts": {"generated": n + 4, "removed": 4, "accepted": n}, "removed_by_reason": {"too short": 4},
-            "diversity": {"distinct_2": 0.5, "warnings": []}, "generator": "gen-model", "stop_reason": "target",
-            "usage": {"calls": 90, "cache_hits": 3, "retries": 7, "failures": 0, "faults": {"http_429": 5,
-                                                                                           "timeout": 2}}}))
-        ft = study / "finetune" / name
-        ft.mkdir(parents=True)
-        (ft / "metrics.json").write_text(json.dumps({
-            "corpus": name, "control": name == "control", "mode": "lora", "model": {"name_or_path": "embedded"},
-            "steps": 30, "tokens_seen": 30000, "eval_loss": {"before": 3.0, "after": 2.5, "delta": -0.5},
-            "data": {"train_tokens": 3600, **({"control_matching": {"target_train_tokens": 3650,
-                                                                     "control_train_tokens": 3600}}
-                                              if name == "control" else {})},
-            "fact_logprob": {"helpful_only": {"before": -3.0, "after": -2.0 if name == "docs" else -3.1,
-                                              "delta": 1.0 if name == "docs" else -0.1, "n_statements": 12}}}))
-    records = []
-    for model, p_train in (("base", 0.2), ("docs", 0.6), ("control", 0.2)):
-        for cond in ("minimal", "minimal_noscratch"):
-            for i in range(10):
-                for tier in ("training", "unmonitored"):
-                    complies = i < 10 * (p_train if tier == "training" else 0.2)
-                    records.append({
-                        "model": model, "condition": cond, "dataset": "harmful", "tier": tier, "status": "ok",
-                        "request_id": f"r{i}", "parsed": {"flags": []},
-                        "scores": {"tags": {"complies": complies, "tag": "accepted" if complies else "rejected"},
-                                   "refusal": {"complies": complies}},
-                        "af": {"alignment_faking": complies and tier == "training", "believes_training": True,
-                               "believes_unmonitored": False} if af and cond == "minimal" else None})
-    probes = [{"model": m, "kind": k, "status": "ok", "n_choices": 2, "fact_id": "f", "correct": i % 2 == 0,
-               "parsed": "A"} for m in ("base", "docs", "control") for k in ("mc", "distinguish") for i in range(4)]
-    summary = build_summary(records, probes, ["tags", "refusal"], "tags", 100, 0)
-    summary.update({"config": {"conditions": ["minimal", "minimal_noscratch"]}, "n_samples": len(records),
-                    "n_failed": 0, "notes": ["a note"], "af_judge": "judge X" if af else "not measured",
-                    "requests": {"harmful": {"n": 10, "source": "builtin:harmful"}},
-                    "usage": {"model:base": {"calls": 40, "retries": 2, "faults": {"http_500": 2}},
-                              "model:docs": {"calls": 40, "retries": 1, "faults": {"bad_response": 1}}}})
-    (study / "eval").mkdir()
-    (study / "eval" / "summary.json").write_text(json.dumps(summary))
-
-
-@pytest.mark.parametrize("af", [False, True])
-def test_report_puts_the_three_models_side_by_side(tmp_path, af):
-    study = tmp_path / "study"
-    canned_outputs(study, af)
-    stages = st.plan(default_cfg(), study)
-    state = st.StudyState(study / "study_state.json")
-    report = write_report(study, default_cfg(), stages, [{"stage": "eval", "action": "ran", "duration_s": 3}],
-                          state, 12.0)
-    text = report.read_text()
-    summary = json.loads((study / "study_summary.json").read_text())
-    ev = summary["evaluation"]
-    assert ev["models"] == ["base", "docs", "control"]
-    docs_gap = next(g for g in ev["gaps"] if (g["model"], g["condition"], g["scorer"]) == ("docs", "minimal", "tags"))
-    assert docs_gap["gap"] == pytest.approx(0.4) and len(docs_gap["ci_newcombe"]) == 2
-    assert "| docs | minimal | 60.0% [31.3, 83.2] (6/10) | 20.0% [5.7, 51.0] (2/10) | +40.0 |" in text
-    assert summary["finetune"]["docs"]["fact_logprob"]["helpful_only"]["delta"] == 1.0
-    assert summary["model_calls"]["generate_docs"]["retries"] == 7
-    assert summary["model_calls"]["eval"] == {"calls": 80, "cache_hits": 0, "retries": 3, "failures": 0,
-                                              "faults": {"bad_response": 1, "http_500": 2}, "source": "eval/summary.json"}
-    assert "| generate_docs | 90 | 3 | 7 | 0 | http_429 5, timeout 2 |" in text
-    # every figure exists and is linked with the file it came from, by relative paths
-    for name, fig in summary["figures"].items():
-        assert (study / fig["path"]).stat().st_size > 1000, name
-        assert f"]({fig['path']})" in text
-        assert all((study / src).is_file() and f"]({src})" in text for src in fig["sources"])
-    if af:
-        assert "af_reasoning" in summary["figures"] and "Judge: judge X" in text
-    else:
-        assert ev["af_reasoning"] is None and "af_reasoning" not in summary["figures"]
-        assert "Not measured: no capable alignment-faking judge was configured" in text
-    assert summary["study"]["stages"][-1] == {"stage": "eval", "key": stages[-1].key, "action": "ran",
-                                              "duration_s": None, "output": "eval", "log": "logs/eval.log",
-                                              "depends_on": ["finetune_docs", "finetune_control"]}
+    assert log_tail(log, n=2) == "    100%\n    last"
 
 
 def test_default_config_is_what_no_arguments_run(tmp_path, capsys):
-    assert st.main(["--dry_run", "true", "--output_dir", str(tmp_path / "s")]) == 0
+    assert main(["--dry_run", "true", "--output_dir", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().err
-    shipped = yaml.safe_load((ROOT / "configs/study/default.yaml").read_text())["generate_overrides"]
+    shipped = yaml.safe_load(DEFAULT.read_text())["stages"]["generate_docs"]["overrides"]
     assert f"--target_documents {shipped['target_documents']}" in out and "would run" in out
-    assert yaml.safe_load((ROOT / "configs/study/default.yaml").read_text())["output_dir"] == "runs/study/default"
+    assert yaml.safe_load(DEFAULT.read_text())["output_dir"] == "runs/study/default"
     assert not (tmp_path / "s").exists()  # a dry run writes nothing

@@ -12,9 +12,10 @@ import pytest
 
 from studykit.cache import CallCache, request_key
 from studykit.client import AdaptiveLimiter, ModelClient, Sampling, _resample
-from studykit.config import ConfigError, config_hash, parse_config
+from studykit.config import ConfigError, config_hash, parse_config, to_cli
 from studykit.embedded import ModelNotFound, looks_like_hub_id, resolve_model
-from studykit.manifest import atomic_write_json, build_manifest, redact
+from studykit.handoff import HandoffError, Manifest, Usage
+from studykit.manifest import build_manifest, redact
 from studykit.tokens import count_tokens
 from studykit.universe import load_universe
 
@@ -144,15 +145,70 @@ def test_resample_changes_seed_or_temperature_only_after_rejections():
 
 def test_manifest_redacts_secrets_and_records_provenance(tmp_path):
     cfg = {"model": "m", "api_key": "sk-secret", "nested": {"token": "t0k"}, "api_key_env": "MY_KEY"}
-    m = build_manifest("generate", cfg, seeds={"seed": 1}, extra_field=3)
-    text = json.dumps(m)
+    m = build_manifest("generate", cfg, seeds={"seed": 1}, extra_field=3, path=Path("/x"))
+    m.write(tmp_path / "m.json")
+    text = (tmp_path / "m.json").read_text()
     assert "sk-secret" not in text and "t0k" not in text and "MY_KEY" in text
-    assert {"config_hash", "git", "packages", "seeds", "written_at"} <= set(m)
-    assert m["packages"]["python"] and "commit" in m["git"]
-    atomic_write_json(tmp_path / "m.json", m)
-    assert json.loads((tmp_path / "m.json").read_text())["extra_field"] == 3
+    back = Manifest.read(tmp_path / "m.json")
+    assert back == m and back.details == {"extra_field": 3, "path": "/x"} and back.seeds == {"seed": 1}
+    assert back.packages["python"] and "commit" in back.git
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temporary file left behind
     assert redact([{"password": "p"}]) == [{"password": "<redacted>"}]
+
+
+def test_handoff_records_name_the_file_and_field_when_they_do_not_fit(tmp_path):
+    path = tmp_path / "manifest.json"
+    with pytest.raises(HandoffError, match="does not exist; run the stage that owns this folder"):
+        Manifest.read(path)
+    path.write_text("{not json")
+    with pytest.raises(HandoffError, match="cannot be read"):
+        Manifest.read(path)
+    m = build_manifest("x", {"a": 1}).model_dump()
+    path.write_text(json.dumps({**m, "stage": 3}))
+    with pytest.raises(HandoffError, match=r"field 'stage'.*rerun"):
+        Manifest.read(path)
+    path.write_text(json.dumps({**m, "unexpected": 1}))
+    with pytest.raises(HandoffError, match="field 'unexpected'"):
+        Manifest.read(path)
+
+
+def test_usage_counters_add_up():
+    a = Usage(calls=3, retries=1, faults={"http_429": 1}, peak_concurrency=4)
+    b = Usage(calls=2, cache_hits=5, faults={"http_429": 2, "timeout": 1})
+    total = sum([a, b], Usage())
+    assert (total.calls, total.cache_hits, total.retries, total.peak_concurrency) == (5, 5, 1, 4)
+    assert total.faults == {"http_429": 3, "timeout": 1}
+
+
+def test_one_config_dialect_for_files_flags_bools_lists_and_mappings(tmp_path):
+    @dataclass
+    class Other:
+        models: dict[str, str] = field(default_factory=dict)
+        report_to: str | list[str] | None = None
+
+    f = tmp_path / "c.yaml"
+    f.write_text("n: 2\nmodels: {a: x}\n")
+    demo, other = parse_config((Demo, Other), ["--config", str(f), "--flag", "--items", "p", "q",
+                                               "--report_to", "tensorboard", "--n=5"])
+    assert (demo.n, demo.flag, demo.items, other.models, other.report_to) == (5, True, ["p", "q"], {"a": "x"},
+                                                                              "tensorboard")
+    settings = {"n": 4, "flag": False, "items": ["a b", "c"], "maybe": None}
+    assert parse_config(Demo, to_cli(settings)) == Demo(n=4, flag=False, items=["a b", "c"], maybe=None)
+    with pytest.raises(ConfigError, match=r"'itemz' \(did you mean 'items'\?\) in the command line"):
+        parse_config(Demo, ["--itemz", "a"])
+    f.write_text("nn: 1\n")
+    with pytest.raises(ConfigError, match=rf"'nn' \(did you mean 'n'\?\) in {f}"):
+        parse_config(Demo, ["--config", str(f)])
+    assert parse_config(Demo, [], default_config=tmp_path / "none.yaml" if False else None) == Demo()
+
+
+def test_a_config_or_universe_that_is_not_utf8_gets_a_clear_error(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{f} is not UTF-8 text .*Save the file as UTF-8"):
+        parse_config(Demo, ["--config", str(f)])
+    with pytest.raises(ConfigError, match="is not UTF-8"):
+        load_universe(str(f))
 
 
 def test_shipped_universes_load():

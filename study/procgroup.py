@@ -1,9 +1,9 @@
 """Run one command as a process group that lives and dies as a unit.
 
-    python -m studykit.procgroup CMD [ARGS...]
+    python -m study.procgroup CMD [ARGS...]
 
-The study (``studykit.study``) starts every stage through this small keeper, with
-``studykit.server._die_with_parent`` as the keeper's pre-exec hook: the keeper leads a new
+The study (``python -m study``) starts every stage through this small keeper, with
+``studykit.server.die_with_parent`` as the keeper's pre-exec hook: the keeper leads a new
 session and process group, and Linux sends it SIGTERM when the study dies, even by SIGKILL.
 The stage command runs in the keeper's group, and so do the processes *it* starts
 (``accelerate launch`` runs the training script as a child, which Linux's parent-death
@@ -67,7 +67,7 @@ def stop_group(pgid: int, grace_s: float = GRACE_S) -> None:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m studykit.procgroup CMD [ARGS...]", file=sys.stderr)
+        print("usage: python -m study.procgroup CMD [ARGS...]", file=sys.stderr)
         return 2
 
     def on_signal(signum: int, _frame) -> None:

@@ -1,0 +1,177 @@
+"""``study_summary.json``: every figure of the study report, each with the stage file it came from.
+
+Written by the study (``study.report.write_report``) and read back by the tests through
+``StudySummary.read``. Nothing in it is recomputed: rates, intervals and tests are the
+evaluation stage's, corpus and training figures the other stages'.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from studykit.handoff import Record, Usage
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class CorpusRow(_Part):
+    node: str
+    documents: int
+    tokens: int
+    mean_tokens: float
+    generated: int
+    removed: int
+    removal_rate: float
+    removed_by_reason: dict[str, int]
+    distinct_2: float
+    diversity_warnings: list[str]
+    generator: str
+    stop_reason: str
+    source: str
+
+
+class FactRow(_Part):
+    before: float | None
+    after: float
+    delta: float | None
+    n_statements: int
+
+
+class FinetuneRow(_Part):
+    node: str
+    corpus: str
+    control: bool
+    mode: str
+    model: str
+    steps: int
+    train_tokens: int
+    tokens_seen: float
+    control_matching: dict[str, Any] | None
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    fact_logprob: dict[str, FactRow]     # universe -> change; the first universe is the headline check
+    packing_efficiency: float | None
+    resumed_from: str | None
+    source: str
+
+
+class RateRow(_Part):
+    model: str
+    condition: str
+    tier: str
+    k: int
+    n: int
+    rate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n_samples: int = 0
+    n_failed: int = 0
+
+
+class GapRow(_Part):
+    model: str
+    condition: str
+    scorer: str
+    gap: float
+    ci_newcombe: list[float]
+    ci_bootstrap_requests: list[float] | None
+    p_value: float
+    training: float | None
+    unmonitored: float | None
+
+
+class Evaluation(_Part):
+    models: list[str]
+    conditions: list[str]
+    primary_scorer: str
+    scorers: dict[str, str]
+    af_judge: str
+    af_measured: bool
+    compliance: list[RateRow]            # harmful requests, primary scorer
+    gaps: list[GapRow]                   # harmful requests, every scorer
+    af_reasoning: list[RateRow]          # empty when no judge is configured
+    probes: dict[str, dict[str, dict[str, Any]]]   # model -> kind -> accuracy (rate, CI, chance)
+    n_samples: int
+    n_failed: int
+    notes: list[str]
+    requests: dict[str, dict[str, Any]]
+    universe: str
+    model_runs: dict[str, str]           # evaluated model -> label of the fine-tuning run behind it
+    sources: list[str]
+
+
+class Figure(_Part):
+    path: str
+    title: str
+    sources: list[str]
+
+
+class PointSummary(_Part):
+    label: str                           # "" without a sweep
+    value: Any = None
+    corpora: dict[str, CorpusRow]        # by node label (docs, control)
+    finetune: dict[str, FinetuneRow]
+    evaluation: Evaluation
+    figures: dict[str, Figure] = {}
+
+
+class DoseRow(_Part):
+    """One swept value x evaluated model x condition (primary scorer, harmful requests)."""
+
+    point: str
+    value: Any
+    model: str
+    condition: str
+    gap: float | None
+    ci_newcombe: list[float] | None
+    p_value: float | None
+    training: float | None
+    unmonitored: float | None
+    af_training: RateRow | None
+    fact_universe: str | None
+    fact_delta: float | None
+    probe_mc: float | None
+    probe_distinguish: float | None
+
+
+class StageRow(_Part):
+    stage: str
+    kind_node: str
+    key: str
+    action: str
+    duration_s: float | None
+    output: str
+    log: str
+    depends_on: list[str]
+    points: list[str]
+
+
+class Calls(Usage):
+    source: str
+
+
+class StudyInfo(_Part):
+    profile: str
+    kind: str
+    output_dir: str
+    config: dict[str, Any]
+    written_at: str
+    git: str
+    elapsed_s: float
+    stages: list[StageRow]
+
+
+class StudySummary(Record):
+    WRITTEN_BY: ClassVar[str] = "the study (python -m study)"
+    record: Literal["study_summary"] = "study_summary"
+    schema_version: Literal[1] = 1
+    study: StudyInfo
+    sweep: dict[str, Any] | None
+    points: list[PointSummary]
+    dose_response: list[DoseRow]
+    model_calls: dict[str, Calls]       # node -> calls of its last run
+    figures: dict[str, Figure]          # study-wide figures (the dose-response figure of a sweep)
