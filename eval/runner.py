@@ -57,14 +57,24 @@ class GenSettings:
     seed: int
 
 
+def _question(job: Job, gen: GenSettings) -> dict[str, Any]:
+    """What a sample asks, whichever model answers it."""
+    return {"condition": job.condition.name, "system": prompt_id(job.system_prompt),
+            "user": user_turn(job.request.request, TIERS[job.tier], gen.suffix), "dataset": job.dataset,
+            "request_id": job.request.id, "tier": job.tier, "sample": job.sample}
+
+
 def job_key(job: Job, gen: GenSettings, judge_fingerprint: dict[str, Any]) -> str:
-    blob = json.dumps({
-        "model": job.target.as_dict(), "condition": job.condition.name, "system": prompt_id(job.system_prompt),
-        "user": user_turn(job.request.request, TIERS[job.tier], gen.suffix), "dataset": job.dataset,
-        "request_id": job.request.id, "tier": job.tier, "sample": job.sample, "gen": asdict(gen),
-        "judges": judge_fingerprint,
-    }, sort_keys=True)
+    blob = json.dumps({**_question(job, gen), "model": job.target.identity(), "gen": asdict(gen),
+                       "judges": judge_fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def job_seed(job: Job, gen: GenSettings) -> int:
+    """The sampling seed: the same for every model asked the same question (common random numbers, so that
+    the models compared differ by their weights, not by their draws), and independent of the model's files."""
+    digest = hashlib.sha256(json.dumps(_question(job, gen), sort_keys=True).encode()).hexdigest()
+    return (int(digest[:8], 16) + gen.seed) % (2**31)
 
 
 def build_jobs(targets: list[ModelTarget], conditions: list[Condition], prompts: dict[str, str],
@@ -80,7 +90,7 @@ def build_jobs(targets: list[ModelTarget], conditions: list[Condition], prompts:
                         for s in range(samples):
                             job = Job(target, cond, prompts[cond.name], dataset, req, tier, s)
                             job.key = job_key(job, gen, judge_fingerprint)
-                            job.seed = (int(job.key[:8], 16) + gen.seed) % (2**31)
+                            job.seed = job_seed(job, gen)
                             jobs.append(job)
     return jobs
 

@@ -52,6 +52,13 @@ class ModelTarget:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def identity(self) -> dict:
+        """What the model is, without where its folder lies: a study folder moved or copied elsewhere keeps
+        its sample keys and call cache (the fingerprint changes when the folder's files change)."""
+        kind = "adapter" if self.adapter else "model folder" if self.weights else "served"
+        return {"name": self.name, "served": self.served, "kind": kind, "lora_rank": self.lora_rank,
+                "fingerprint": self.fingerprint}
+
 
 def folder_fingerprint(path: Path) -> str:
     """Hash of the names, sizes and modification times of the files in an adapter folder."""
@@ -157,9 +164,10 @@ def cache_identity(cfg: EvalConfig, target: ModelTarget) -> str:
     if cfg.base_url:
         return f"{target.served}#{target.fingerprint}" if target.fingerprint else target.served
     if target.weights:
-        return f"{target.served}@{target.weights}:{cfg.dtype}#{target.fingerprint}"
+        return f"{target.served}@model-folder:{cfg.dtype}#{target.fingerprint}"
     mode = " merged" if serve_merged(cfg) else ""  # merged weights answer (slightly) differently from LoRA
-    return f"{target.served}@{resolve_model(cfg.base_model)}:{cfg.dtype}+{target.adapter}#{target.fingerprint}{mode}"
+    lora = "+lora" if target.adapter else ""
+    return f"{target.served}@{resolve_model(cfg.base_model)}:{cfg.dtype}{lora}#{target.fingerprint}{mode}"
 
 
 def serve_merged(cfg: EvalConfig) -> bool:

@@ -49,7 +49,7 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch finetune/tr
 import torch
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, TrainerState
-from transformers.trainer_utils import IntervalStrategy, TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy, TrainOutput
 from trl import ModelConfig, SFTConfig, get_peft_config, get_quantization_config
 
 from finetune import factcheck
@@ -59,6 +59,7 @@ from finetune.export import save_trained
 from finetune.metrics import FinetuneMetrics
 from finetune.packing import PackedRowsCollator, packing_stats
 from finetune.report import loss_curve, peak_memory, plot_loss
+from finetune.resume import at_final_step, last_complete_checkpoint
 from finetune.trainer import DocumentTrainer
 from studykit.config import ConfigError
 from studykit.embedded import ModelNotFound, resolve_model
@@ -233,15 +234,16 @@ def measure(trainer: DocumentTrainer, run: Run, statements: dict, when: str,
 
 def fit(trainer: DocumentTrainer, run: Run) -> tuple[TrainOutput, str | None]:
     """Train, resuming from the last checkpoint of an earlier run into the same directory."""
-    checkpoints = run.training.output_dir
-    last = get_last_checkpoint(checkpoints) if run.script.resume and Path(checkpoints).is_dir() else None
+    last = None
+    if run.script.resume:
+        last = last_complete_checkpoint(Path(run.training.output_dir), trainer.is_world_process_zero())
+        trainer.accelerator.wait_for_everyone()
     if last:
         logger.info("resuming from %s", last)
-    if last and _at_max_steps(last, run.training.max_steps) and not (trainer.is_fsdp_enabled
-                                                                     or trainer.is_deepspeed_enabled):
+    if last and at_final_step(last) and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         # killed after the last step (while evaluating or exporting): transformers would take one more optimizer
         # step when resumed from the final checkpoint, so its weights are loaded instead of training again
-        logger.info("%s is the final step (max_steps %d): loading it without training", last, run.training.max_steps)
+        logger.info("%s is the final step: loading it without training", last)
         trainer._load_from_checkpoint(last)
         trainer.state = TrainerState.load_from_json(os.path.join(last, "trainer_state.json"))
         return TrainOutput(trainer.state.global_step, None, {}), last
@@ -319,15 +321,6 @@ def collect_metrics(trainer: DocumentTrainer, run: Run, packing: dict[str, Any],
         loss_curve=loss_curve(history),
         duration_s=time.time() - run.started,
     )
-
-
-def _at_max_steps(checkpoint: str, max_steps: int) -> bool:
-    """Whether a Trainer checkpoint was written at the run's last step (max_steps > 0)."""
-    try:
-        state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-    except (OSError, ValueError):
-        return False
-    return max_steps > 0 and state.global_step >= max_steps
 
 
 def _available_integrations(report_to: list[str]) -> list[str]:

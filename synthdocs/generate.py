@@ -73,9 +73,9 @@ def generate_corpus(cfg: GenerateConfig, universe: Universe, folder: CorpusFolde
         record = RunRecord(generator_model=cache_id, usage=usage, started_at=started_at, elapsed_s=elapsed,
                            cache={"entries_before": entries_before, "entries_after": len(cache), "hits": cache.hits,
                                   "new_calls": len(cache) - entries_before})
-        stats = write_outputs(folder, cfg, universe, outcome, record)
     finally:
-        cache.close()
+        cache.close()  # before the outputs: closing folds the cache's log into it, and the manifest comes last
+    stats = write_outputs(folder, cfg, universe, outcome, record)
     log.info("wrote %d documents (%d tokens) to %s in %.0f s; %s", stats.corpus.documents, stats.corpus.tokens,
              folder.dir, elapsed, outcome.stop_reason)
 

@@ -201,9 +201,11 @@ def test_a_full_model_folder_is_its_own_model_on_its_own_server(tmp_path):
     merged_cfg = EvalConfig(base_model=str(base), serve_adapters="merged", models=cfg.models)
     assert [[t.name for t in g] for g in server_groups(merged_cfg, targets)] == [["base"], ["docs"], ["full"]]
 
-    # cache keys name the weights: the full model's folder and its files, the base model's folder
+    # cache keys name the weights by their files, not where their folder lies (a copied study keeps its cache)
     ident = cache_identity(cfg, by_name["full"])
-    assert str(full.resolve()) in ident and by_name["full"].fingerprint in ident
+    assert str(full.resolve()) not in ident and by_name["full"].fingerprint in ident
+    assert str(adapter.resolve()) not in cache_identity(cfg, by_name["docs"])
+    assert by_name["docs"].identity()["kind"] == "adapter" and "adapter" not in by_name["docs"].identity()
     assert str(base) in cache_identity(cfg, by_name["base"]) and str(full) not in cache_identity(cfg, by_name["base"])
     (full / "model.safetensors").write_bytes(b"retrained weights")
     retrained = {t.name: t for t in resolve_targets(cfg)[0]}
@@ -243,3 +245,25 @@ def test_no_argument_run_is_the_shipped_default_config():
 
     assert asdict(parse_config(EvalConfig, [])) == asdict(parse_config(EvalConfig, ["--config",
                                                                                     "configs/eval/default.yaml"]))
+
+
+def test_every_model_draws_the_same_seed_for_the_same_question():
+    from eval.runner import GenSettings, build_jobs
+    from eval.serving import ModelTarget
+
+    gen = GenSettings(temperature=1.0, top_p=1.0, max_tokens=16, max_continuations=0, suffix="s", seed=3)
+    targets = [ModelTarget("base", "base"), ModelTarget("docs", "docs", adapter="/a/docs", fingerprint="f1")]
+    universe = load_universe("helpful_only")
+    conds = [CONDITIONS["minimal"], CONDITIONS["minimal_noscratch"]]
+    prompts = {c.name: system_prompt(universe, c) for c in conds}
+    requests = select_stratified(load_requests("builtin:harmful"), 3)
+    jobs = build_jobs(targets, conds, prompts, {"harmful": requests}, 2, gen, {})
+    by_question: dict[tuple, dict[str, tuple[str, int]]] = {}
+    for j in jobs:
+        by_question.setdefault((j.condition.name, j.request.id, j.tier, j.sample), {})[j.target.name] = (j.key, j.seed)
+    assert len(by_question) == 2 * 3 * 2 * 2
+    for pair in by_question.values():
+        assert pair["base"][1] == pair["docs"][1] and pair["base"][0] != pair["docs"][0]
+    assert len({s for pair in by_question.values() for _, s in pair.values()}) == len(by_question)
+    moved = [ModelTarget("base", "base"), ModelTarget("docs", "docs", adapter="/elsewhere/docs", fingerprint="f1")]
+    assert [j.key for j in build_jobs(moved, conds, prompts, {"harmful": requests}, 2, gen, {})] == [j.key for j in jobs]

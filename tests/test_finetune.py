@@ -521,3 +521,25 @@ def test_vllm_serves_merged_and_adapter(lora_run, tmp_path):
 
         for name in ("merged", "docs"):
             assert isinstance(asyncio.run(ask(name)), str)
+
+
+def test_resume_skips_a_checkpoint_a_kill_left_half_written(tmp_path):
+    from transformers import TrainerState
+
+    from finetune.resume import at_final_step, last_complete_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    for step, complete in ((2, True), (4, True), (6, False), (10, False)):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"w")
+        if complete:
+            TrainerState(global_step=step, max_steps=6).save_to_json(str(folder / f"checkpoint-{step}" /
+                                                                        "trainer_state.json"))
+    assert last_complete_checkpoint(folder, remove_incomplete=False) == str(folder / "checkpoint-4")
+    assert (folder / "checkpoint-6").is_dir()  # only the main process removes what a kill left behind
+    assert last_complete_checkpoint(folder, remove_incomplete=True) == str(folder / "checkpoint-4")
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert not at_final_step(str(folder / "checkpoint-4"))
+    TrainerState(global_step=6, max_steps=6).save_to_json(str(folder / "checkpoint-4" / "trainer_state.json"))
+    assert at_final_step(str(folder / "checkpoint-4"))
+    assert last_complete_checkpoint(tmp_path / "missing", remove_incomplete=True) is None

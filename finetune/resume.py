@@ -1,0 +1,47 @@
+"""Resuming a run from its checkpoints, including checkpoints a kill left half-written.
+
+The Trainer writes a checkpoint straight into ``checkpoint-<step>/`` and its ``trainer_state.json``
+after the weights, optimizer, scheduler and RNG states, so a checkpoint without a readable
+``trainer_state.json`` was cut short. Resuming skips such checkpoints (the main process deletes
+them) and continues from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from transformers import TrainerState
+
+log = logging.getLogger(__name__)
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def _state(checkpoint: Path) -> TrainerState | None:
+    try:
+        return TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    except (OSError, ValueError):
+        return None
+
+
+def last_complete_checkpoint(folder: Path, remove_incomplete: bool) -> str | None:
+    """The newest checkpoint in ``folder`` whose trainer state was written; incomplete newer ones are removed
+    when ``remove_incomplete`` (pass True on the main process only)."""
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name))]
+    for _, checkpoint in sorted(found, reverse=True):
+        if _state(checkpoint) is not None:
+            return str(checkpoint)
+        log.warning("%s was cut short (no trainer_state.json): resuming from an earlier checkpoint", checkpoint)
+        if remove_incomplete:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def at_final_step(checkpoint: str) -> bool:
+    """Whether a checkpoint was written at the run's last optimizer step (then resuming must not train again)."""
+    state = _state(Path(checkpoint))
+    return state is not None and state.max_steps > 0 and state.global_step >= state.max_steps
