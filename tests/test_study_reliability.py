@@ -559,7 +559,7 @@ def test_the_study_serves_its_own_adapters_and_resumes_a_killed_evaluation(api, 
     study = tmp_path / "served"
     served = {"base_url": "", "serve_adapters": "merged", "conditions": ["minimal"], "max_harmful": 2,
               "benign_requests": "", "probes": False, "max_tokens": 16, "max_continuations": 0,
-              "max_model_len": 1024, "max_num_seqs": 8, "temperature": 0.0, "startup_timeout_s": 600}
+              "max_model_len": 2048, "max_num_seqs": 8, "temperature": 0.0, "startup_timeout_s": 600}
     cfg = study_config(tmp_path / "study.yaml", api, tiny_model, study, configs,
                        stages={"eval": {"overrides": served}})
     assert kill_during(cfg, study, "eval_finetuned", 2, api) == "eval_finetuned"
