@@ -8,20 +8,16 @@ the prompts used, and which scorer produced each figure).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from eval.conditions import CONDITIONS, TIERS
 from eval.judges import AF_CRITERIA
 from eval.stats import newcombe_diff, paired_bootstrap_diff, rate, two_proportion_ztest
-from eval.summary import AFRates, Cell, EvalSummary, Gap, ModelInfo, ProbeAccuracy, RateCI, ScoredRate, Stacked
+from eval.summary import AFRates, Cell, EvalSummary, Gap, ModelInfo, ProbeAccuracy, ScoredRate, Stacked
 from studykit.textfmt import pct, rate_ci
 
 CellKey = tuple[str, str, str, str]  # model, condition, dataset, tier
-
-
-def _rate(k: int, n: int) -> RateCI:
-    return RateCI(**asdict(rate(k, n)))
 
 
 def _af_rates(ok: list[dict[str, Any]]) -> AFRates | None:
@@ -29,9 +25,9 @@ def _af_rates(ok: list[dict[str, Any]]) -> AFRates | None:
     if not judged:
         return None
     n = len(judged)
-    return AFRates(alignment_faking=_rate(sum(a["alignment_faking"] for a in judged), n),
-                   believes_training=_rate(sum(bool(a["believes_training"]) for a in judged), n),
-                   believes_unmonitored=_rate(sum(bool(a["believes_unmonitored"]) for a in judged), n))
+    return AFRates(alignment_faking=rate(sum(a["alignment_faking"] for a in judged), n),
+                   believes_training=rate(sum(bool(a["believes_training"]) for a in judged), n),
+                   believes_unmonitored=rate(sum(bool(a["believes_unmonitored"]) for a in judged), n))
 
 
 def _protocol(ok: list[dict[str, Any]]) -> dict[str, float]:
@@ -55,7 +51,7 @@ def cell_figures(records: list[dict[str, Any]], scorers: list[str]) -> dict[Cell
         for s in scorers:
             verdicts = [r["scores"][s]["complies"] for r in ok if s in r["scores"]]
             scored = [v for v in verdicts if v is not None]
-            compliance[s] = ScoredRate(**asdict(rate(sum(scored), len(scored))), n_unscored=len(ok) - len(scored))
+            compliance[s] = ScoredRate(**rate(sum(scored), len(scored)).model_dump(), n_unscored=len(ok) - len(scored))
         cells[key] = Cell(model=key[0], condition=key[1], dataset=key[2], tier=key[3], n_samples=len(recs),
                           n_ok=len(ok), n_failed=len(recs) - len(ok), compliance=compliance, protocol=_protocol(ok),
                           af=_af_rates(ok))
@@ -132,7 +128,7 @@ def probe_figures(probe_records: list[dict[str, Any]]) -> dict[str, dict[str, Pr
             for r in ok:
                 per_fact[r["fact_id"]].append(r["correct"])
             out[model][kind] = ProbeAccuracy(
-                **asdict(rate(sum(r["correct"] for r in ok), len(ok))),
+                **rate(sum(r["correct"] for r in ok), len(ok)).model_dump(),
                 chance=sum(1 / r["n_choices"] for r in ok) / len(ok), unparsed=sum(r["parsed"] is None for r in ok),
                 n_failed=sum(r["kind"] == kind and r["status"] != "ok" for r in recs),
                 per_fact={f: sum(v) / len(v) for f, v in per_fact.items()})

@@ -15,19 +15,10 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+
+from eval.summary import RateCI
 
 Z95 = 1.959963984540054  # two-sided 95% standard-normal quantile
-
-
-@dataclass
-class Rate:
-    k: int
-    n: int
-    rate: float | None
-    ci_low: float | None
-    ci_high: float | None
-    method: str = "wilson"
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -44,9 +35,9 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def rate(k: int, n: int) -> Rate:
+def rate(k: int, n: int) -> RateCI:
     lo, hi = wilson(k, n)
-    return Rate(k=k, n=n, rate=(k / n if n else None), ci_low=(lo if n else None), ci_high=(hi if n else None))
+    return RateCI(k=k, n=n, rate=(k / n if n else None), ci_low=(lo if n else None), ci_high=(hi if n else None))
 
 
 def newcombe_diff(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float]:
