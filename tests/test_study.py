@@ -64,12 +64,13 @@ def test_plan_builds_the_stage_commands_from_the_stage_configs(tmp_path):
     shipped = yaml.safe_load(DEFAULT.read_text())["stages"]
     assert flag(gen, "--target_documents") == str(shipped["generate_docs"]["overrides"]["target_documents"])
     assert flag(gen, "--progress") == "false" and flag(gen, "--output_dir") == "{study}/generate/docs"
+    steps = shipped["finetune"]["overrides"]["max_steps"]
     ctrl = nodes["finetune_control"].argv
     assert ctrl[:5] == ["accelerate", "launch", "--config_file", "{repo}/configs/finetune/accelerate/cpu.yaml",
                         "{repo}/finetune/train.py"]
     for name, value in (("--corpus", "{study}/generate/docs"), ("--control", "true"),
                         ("--control_corpus", "{study}/generate/control"), ("--output_dir", "{study}/finetune/control"),
-                        ("--export_merged", "false"), ("--max_steps", "16")):
+                        ("--export_merged", "false"), ("--max_steps", str(steps))):
         assert flag(ctrl, name) == value
     assert nodes["finetune_control"].deps == ["generate_docs", "generate_control"]
     assert json.loads(flag(nodes["eval_finetuned"].argv, "--models")) == {
@@ -81,8 +82,8 @@ def test_plan_builds_the_stage_commands_from_the_stage_configs(tmp_path):
     assert any(f.name == "helpful_only.yaml" for f in nodes["generate_docs"].inputs)
     assert any(f.name == "control.yaml" and "universes" in str(f) for f in nodes["generate_control"].inputs)
     # each stage's own parser read the settings: typed configs, not strings
-    assert nodes["generate_docs"].config.target_documents == 56
-    assert nodes["finetune_docs"].config[1].max_steps == 16
+    assert nodes["generate_docs"].config.target_documents == shipped["generate_docs"]["overrides"]["target_documents"]
+    assert nodes["finetune_docs"].config[1].max_steps == steps
 
 
 def test_the_study_model_fills_each_stage_model_setting(tmp_path):
