@@ -179,21 +179,35 @@ def plot_dose_response(rows: list[DoseRow], label: str, condition: str, out: Pat
                lambda r: [r.af_training.ci_low, r.af_training.ci_high] if r.af_training else None),
               ("fact log-prob change", lambda r: r.fact_delta, lambda r: None),
               ("probe accuracy (multiple choice)", lambda r: r.probe_mc, lambda r: None)]
+    models = list(dict.fromkeys(r.model for r in rows))
+    log = numeric and len(values) > 2 and max(values) / max(min(values), 1e-12) >= 8
+    span = (max(x_of.values()) - min(x_of.values())) or 1
+
+    def dodge(x: float, k: int) -> float:   # models side by side, so equal values stay visible
+        shift = (k - (len(models) - 1) / 2) * 0.012
+        return x * 10 ** shift if log else x + shift * span
+
     for ax, (title, y_of, ci_of) in zip(axes, panels, strict=True):
-        for k, model in enumerate(dict.fromkeys(r.model for r in rows)):
+        drawn = False
+        for k, model in enumerate(models):
             pts = [(x_of[r.value], y_of(r), ci_of(r)) for r in rows if r.model == model and y_of(r) is not None]
             if not pts:
                 continue
+            drawn = True
             xs, ys, cis = zip(*pts, strict=True)
+            xs = [dodge(x, k) for x in xs]
             err = [[y - ci[0] if ci else 0 for y, ci in zip(ys, cis, strict=True)],
                    [ci[1] - y if ci else 0 for y, ci in zip(ys, cis, strict=True)]]
             ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, color=f"C{k}", label=model)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(label)
-        if numeric and len(values) > 2 and max(values) / max(min(values), 1e-12) >= 8:
+        if log:
             ax.set_xscale("log")
         if not numeric:
             ax.set_xticks(range(len(values)), [str(v) for v in values], fontsize=7)
-        ax.legend(fontsize=7)
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="grey")
     axes[0].axhline(0, color="grey", lw=0.8)
     _save(fig, out)
