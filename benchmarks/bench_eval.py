@@ -26,10 +26,10 @@ from pathlib import Path
 import openai
 from peak_rss import PeakRSS
 
-from eval.conditions import CONDITIONS, TIERS
-from eval.prompts import system_prompt, user_turn
+from eval.conditions import parse_condition
 from eval.requests import load_requests, select_stratified
 from eval.runner import generate
+from eval.templates import condition_prompts
 from studykit.client import ModelClient, Sampling
 from studykit.embedded import resolve_model
 from studykit.server import ServerSpec, VLLMServer
@@ -53,12 +53,13 @@ def prefix_counters(base_url: str) -> dict[str, float]:
 
 def build_prompts(n: int) -> list[list[dict[str, str]]]:
     universe = load_universe("helpful_only")
-    system = system_prompt(universe, CONDITIONS["minimal"])
+    prompt = condition_prompts([parse_condition("minimal", "faithful")], universe)["minimal"]
     requests = select_stratified(load_requests("builtin:harmful"), (n + 1) // 2)
     prompts = []
     for req in requests:
-        for free in TIERS.values():
-            prompts.append([{"role": "system", "content": system}, {"role": "user", "content": user_turn(req.request, free)}])
+        for tier in ("training", "unmonitored"):
+            prompts.append([{"role": "system", "content": prompt.system},
+                            {"role": "user", "content": prompt.user(req.request, tier)}])
     return prompts[:n]
 
 

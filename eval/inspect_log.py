@@ -52,7 +52,7 @@ from studykit.handoff import Manifest, Usage
 
 TASK = "alignment_faking_compliance_gap"
 AF_SCORE = "alignment_faking"
-METADATA_KEYS = ("model", "served_model", "adapter", "condition", "dataset", "tier", "is_free_tier_user",
+METADATA_KEYS = ("model", "served_model", "adapter", "condition", "dataset", "tier", "cue_value", "prompt_set",
                  "request_id", "category", "sample", "seed", "key")
 STOP_REASONS = {"stop": "stop", "length": "max_tokens"}
 
@@ -67,6 +67,14 @@ def compliance_score(verdict: dict[str, Any]) -> Score:
     if verdict["complies"] is None:
         return Score.unscored(reason="grader_failed", explanation=explanation, metadata=evidence)
     return Score(value=int(verdict["complies"]), answer=verdict.get("tag"), explanation=explanation,
+                 metadata=evidence)
+
+
+def partial_score(verdict: dict[str, Any]) -> Score:
+    evidence = {k: v for k, v in verdict.items() if k != "partial"}
+    if verdict["partial"] is None:
+        return Score.unscored(reason="grader_failed", explanation=verdict.get("error", ""), metadata=evidence)
+    return Score(value=int(verdict["partial"]), answer=verdict["kind"], explanation=verdict.get("rationale", ""),
                  metadata=evidence)
 
 
@@ -101,7 +109,9 @@ def to_sample(rec: dict[str, Any], system_prompt: str) -> EvalSample:
     output = ModelOutput.from_content(rec["served_model"], rec["response"],
                                       stop_reason=STOP_REASONS.get(rec["turns"][-1]["finish_reason"], "unknown"))
     output.usage = usage
-    scores = {name: compliance_score(verdict) for name, verdict in rec["scores"].items()}
+    scores = {name: compliance_score(verdict) for name, verdict in rec["scores"].items() if name != "partial"}
+    if "partial" in rec["scores"]:
+        scores["partial"] = partial_score(rec["scores"]["partial"])
     if rec.get("af") is not None:
         scores[AF_SCORE] = af_score(rec["af"])
     return EvalSample(**common, messages=_messages(rec, inputs), output=output, scores=scores,

@@ -17,7 +17,9 @@ COLORS = {"refuses": "#9ecae1", "complies": "#fdd49e", "complies_af": "#e34a33"}
 LABELS = {"refuses": "Refuses", "complies": "Complies", "complies_af": "Complies, with alignment-faking reasoning"}
 
 
-def plot_stacked(stacked: list[Stacked], out: Path, scorer: str, af_note: str | None) -> Path | None:
+def plot_stacked(stacked: list[Stacked], out: Path, scorer: str, af_note: str | None,
+                 tier_labels: dict[str, str]) -> Path | None:
+    """Refuses / complies / complies with AF reasoning per model, condition and tier (tier -> the cue's label)."""
     rows = [s for s in stacked if s.dataset == "harmful" and s.n]
     if not rows:
         return None
@@ -51,7 +53,7 @@ def plot_stacked(stacked: list[Stacked], out: Path, scorer: str, af_note: str | 
                for p in COLORS]
     ax.legend(handles, [LABELS[p] for p in COLORS], loc="upper center", bbox_to_anchor=(0.5, -0.45 / height * 3),
               ncol=3, fontsize=8, frameon=False)
-    title = "Training (free tier) vs unmonitored (paid tier)"
+    title = f"Training ({tier_labels['training']}) vs unmonitored ({tier_labels['unmonitored']})"
     if af_note:
         title += f"\n{af_note}"
     ax.set_title(title, fontsize=10)

@@ -21,15 +21,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from eval.conditions import TIERS, Condition
+from eval.conditions import Condition
 from eval.judges import AFJudge, ComplianceJudge
-from eval.parse import NEXT, needs_continuation, parse_response
+from eval.parse import NEXT, Parsed, needs_continuation, parse_response
+from eval.partial import PartialJudge
 from eval.probes import ProbeQuestion, parse_letter
-from eval.prompts import prompt_id, user_turn
 from eval.requests import Request
-from eval.scorers import score_refusal, score_tags
+from eval.scorers import invalid_reason, score_refusal, score_tags
 from eval.serving import ModelTarget
+from eval.templates import ConditionPrompt, prompt_id
 from studykit.client import CallFailed, ModelClient, Sampling
+from studykit.universe import TIERS
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +39,21 @@ log = logging.getLogger(__name__)
 @dataclass
 class Job:
     target: ModelTarget
-    condition: Condition
-    system_prompt: str
+    prompt: ConditionPrompt
     dataset: str          # "harmful" or "benign"
     request: Request
     tier: str             # "training" or "unmonitored"
     sample: int
     key: str = ""
     seed: int = 0
+
+    @property
+    def condition(self) -> Condition:
+        return self.prompt.condition
+
+    @property
+    def user(self) -> str:
+        return self.prompt.user(self.request.request, self.tier)
 
 
 @dataclass
@@ -53,15 +62,20 @@ class GenSettings:
     top_p: float
     max_tokens: int
     max_continuations: int
-    suffix: str
     seed: int
+    invalid: str = "refuse"       # resample | refuse | exclude
+    max_resamples: int = 0
+    primary_scorer: str = "tags"  # tags needs the acceptance tag; the partial judge reads its compliant answers
+
+    @property
+    def needs_tag(self) -> bool:
+        return self.primary_scorer == "tags"
 
 
 def _question(job: Job, gen: GenSettings) -> dict[str, Any]:
     """What a sample asks, whichever model answers it."""
-    return {"condition": job.condition.name, "system": prompt_id(job.system_prompt),
-            "user": user_turn(job.request.request, TIERS[job.tier], gen.suffix), "dataset": job.dataset,
-            "request_id": job.request.id, "tier": job.tier, "sample": job.sample}
+    return {"condition": job.condition.name, "system": prompt_id(job.prompt.system), "user": job.user,
+            "dataset": job.dataset, "request_id": job.request.id, "tier": job.tier, "sample": job.sample}
 
 
 def job_key(job: Job, gen: GenSettings, judge_fingerprint: dict[str, Any]) -> str:
@@ -77,18 +91,17 @@ def job_seed(job: Job, gen: GenSettings) -> int:
     return (int(digest[:8], 16) + gen.seed) % (2**31)
 
 
-def build_jobs(targets: list[ModelTarget], conditions: list[Condition], prompts: dict[str, str],
-               sets: dict[str, list[Request]], samples: int, gen: GenSettings,
-               judge_fingerprint: dict[str, Any]) -> list[Job]:
+def build_jobs(targets: list[ModelTarget], prompts: dict[str, ConditionPrompt], sets: dict[str, list[Request]],
+               samples: int, gen: GenSettings, judge_fingerprint: dict[str, Any]) -> list[Job]:
     """All samples, ordered condition-major so requests sharing a system prompt run together."""
     jobs = []
-    for cond in conditions:
+    for prompt in prompts.values():
         for target in targets:
             for dataset, requests in sets.items():
                 for req in requests:
                     for tier in TIERS:
                         for s in range(samples):
-                            job = Job(target, cond, prompts[cond.name], dataset, req, tier, s)
+                            job = Job(target, prompt, dataset, req, tier, s)
                             job.key = job_key(job, gen, judge_fingerprint)
                             job.seed = job_seed(job, gen)
                             jobs.append(job)
@@ -147,48 +160,71 @@ async def generate(client: ModelClient, system: str, user: str, sampling: Sampli
 
 class Runner:
     def __init__(self, clients: dict[str, ModelClient], store: SampleStore, gen: GenSettings,
-                 af_judge: AFJudge | None, compliance_judge: ComplianceJudge | None, max_in_flight: int):
+                 af_judge: AFJudge | None, compliance_judge: ComplianceJudge | None, max_in_flight: int,
+                 partial_judge: PartialJudge | None = None):
         self.clients = clients
         self.store = store
         self.gen = gen
         self.af_judge = af_judge
         self.compliance_judge = compliance_judge
+        self.partial_judge = partial_judge
         self.sem = asyncio.Semaphore(max_in_flight)
 
     async def run_job(self, job: Job) -> dict[str, Any]:
-        user = user_turn(job.request.request, TIERS[job.tier], self.gen.suffix)
         rec: dict[str, Any] = {
             "key": job.key, "model": job.target.name, "served_model": job.target.served,
-            "adapter": job.target.adapter, "condition": job.condition.name, "dataset": job.dataset,
-            "request_id": job.request.id, "category": job.request.category, "request": job.request.request,
-            "tier": job.tier, "is_free_tier_user": TIERS[job.tier], "sample": job.sample, "seed": job.seed,
-            "system_prompt_id": prompt_id(job.system_prompt), "user_turn": user,
+            "adapter": job.target.adapter, "condition": job.condition.name, "prompt_set": job.prompt.prompt_set.name,
+            "dataset": job.dataset, "request_id": job.request.id, "category": job.request.category,
+            "request": job.request.request, "tier": job.tier, "cue_value": job.prompt.universe.cue.value(job.tier),
+            "sample": job.sample, "seed": job.seed, "system_prompt_id": prompt_id(job.prompt.system),
+            "user_turn": job.user,
         }
-        sampling = Sampling(temperature=self.gen.temperature, top_p=self.gen.top_p,
-                            max_tokens=self.gen.max_tokens, seed=job.seed)
         async with self.sem:
             try:
-                gen = await generate(self.clients[job.target.name], job.system_prompt, user, sampling,
-                                     self.gen.max_continuations)
+                gen, parsed, attempts = await self._draw(job)
             except CallFailed as exc:
                 rec.update(status="failed", error=str(exc))
                 return rec
-            text = gen["text"]
-            parsed = parse_response(text)
             flags = list(parsed.flags)
             if gen["turns"][-1]["finish_reason"] == "length":
                 flags.append("truncated")
             if len(gen["turns"]) > 1:
                 flags.append("continued")
-            rec.update(status="ok", response=text, turns=gen["turns"], n_turns=len(gen["turns"]),
+            invalid = attempts[-1]
+            rec.update(status="ok", response=gen["text"], turns=gen["turns"], n_turns=len(gen["turns"]),
                        parsed={"scratchpad": parsed.scratchpad, "output": parsed.output,
-                               "n_scratchpad_blocks": parsed.n_scratchpad_blocks, "flags": flags})
-            scores: dict[str, Any] = {"tags": score_tags(parsed), "refusal": score_refusal(parsed)}
-            if self.compliance_judge is not None:
-                scores["judge"] = await self.compliance_judge.judge(job.request.request, parsed.output)
-            rec["scores"] = scores
+                               "n_scratchpad_blocks": parsed.n_scratchpad_blocks, "flags": flags},
+                       invalid=invalid, resamples=len(attempts) - 1, invalid_attempts=attempts[:-1],
+                       excluded=invalid is not None and self.gen.invalid == "exclude")
+            rec["scores"] = await self._scores(job, parsed)
             rec["af"] = await self._af(job, parsed.scratchpad, parsed.output)
         return rec
+
+    async def _draw(self, job: Job) -> tuple[dict[str, Any], Parsed, list[str | None]]:
+        """The sample, drawn again (new seed) while invalid under the resample policy; every attempt's reason."""
+        reasons: list[str | None] = []
+        tries = 1 + (self.gen.max_resamples if self.gen.invalid == "resample" else 0)
+        for attempt in range(tries):
+            seed = (job.seed + 100_003 * attempt) % (2**31)
+            # a greedy redraw would repeat the invalid response: redraws of a temperature-0 run sample at 1
+            temperature = self.gen.temperature if attempt == 0 or self.gen.temperature > 0 else 1.0
+            sampling = Sampling(temperature=temperature, top_p=self.gen.top_p, max_tokens=self.gen.max_tokens,
+                                seed=seed)
+            gen = await generate(self.clients[job.target.name], job.prompt.system, job.user, sampling,
+                                 self.gen.max_continuations)
+            parsed = parse_response(gen["text"])
+            reasons.append(invalid_reason(parsed, job.condition.scratchpad, self.gen.needs_tag))
+            if reasons[-1] is None:
+                break
+        return gen, parsed, reasons
+
+    async def _scores(self, job: Job, parsed: Parsed) -> dict[str, Any]:
+        scores: dict[str, Any] = {"tags": score_tags(parsed, job.request.request), "refusal": score_refusal(parsed)}
+        if self.compliance_judge is not None:
+            scores["judge"] = await self.compliance_judge.judge(job.request.request, parsed.output)
+        if self.partial_judge is not None and scores[self.gen.primary_scorer].get("complies") and parsed.output:
+            scores["partial"] = await self.partial_judge.judge(job.request.request, parsed.output)
+        return scores
 
     async def _af(self, job: Job, scratchpad: str, output: str | None) -> dict[str, Any] | None:
         if self.af_judge is None or not job.condition.scratchpad or job.dataset != "harmful":

@@ -38,6 +38,15 @@ class AFRates(_Part):
     believes_unmonitored: RateCI
 
 
+class Validity(_Part):
+    """Responses that did not follow the condition's format, and what the invalid-response policy did."""
+
+    n_resampled: int = 0      # samples drawn again at least once
+    resamples: int = 0        # extra draws in all
+    n_invalid: int = 0        # samples still invalid after every draw (scored as refusals unless excluded)
+    n_excluded: int = 0       # samples left out of the rates (policy exclude)
+
+
 class Cell(_Part):
     """One model x condition x request set x tier."""
 
@@ -51,6 +60,9 @@ class Cell(_Part):
     compliance: dict[str, ScoredRate]   # scorer -> rate
     protocol: dict[str, float]          # parser flag / tag state -> share of successful samples
     af: AFRates | None
+    validity: Validity
+    partial: RateCI | None = None       # share of compliant answers the partial-compliance judge says hold back
+    partial_kinds: dict[str, int] = {}  # withholds / vague / hedges / sandbags -> count
 
 
 class Gap(_Part):
@@ -90,6 +102,22 @@ class ProbeAccuracy(RateCI):
     per_fact: dict[str, float]
 
 
+class CueInfo(_Part):
+    """The universe's monitoring cue: the tag in the user turn, its two values and how reports name them."""
+
+    tag: str
+    training: str
+    unmonitored: str
+    labels: dict[str, str]
+
+
+class PromptSetInfo(_Part):
+    name: str
+    path: str
+    fingerprint: str          # of the set's template files
+    description: str
+
+
 class RequestSet(_Part):
     n: int
     source: str
@@ -107,6 +135,7 @@ class ModelInfo(_Part):
 
 
 class SamplingInfo(_Part):
+    preset: str               # custom, or the preset that set the four values below (eval/config.py)
     temperature: float
     top_p: float
     max_tokens: int           # per model turn
@@ -126,13 +155,17 @@ class Timings(_Part):
 class EvalSummary(Record):
     WRITTEN_BY: ClassVar[str] = "the evaluation stage (python -m eval.gap)"
     record: Literal["eval_summary"] = "eval_summary"
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     universe: str
+    cue: CueInfo
     identity: str                       # "<model> by <lab>, <date>" as the system prompt states it
     base_model: str                     # the managed server's base model, or "(remote)"
     endpoint: str                       # the endpoint URL, or how the managed server(s) served the models
     models: list[ModelInfo]
     conditions: list[str]
+    prompt_sets: dict[str, PromptSetInfo]   # condition -> the template set its prompts came from
+    invalid_policy: str                 # resample (up to max_resamples draws) | refuse | exclude
+    max_resamples: int
     requests: dict[str, RequestSet]     # "harmful" / "benign" -> how many requests, from where
     samples_per_request: int
     sampling: SamplingInfo
@@ -140,6 +173,7 @@ class EvalSummary(Record):
     n_failed: int
     primary_scorer: str
     scorers: dict[str, str]             # scorer name -> what it counts as compliance
+    af_classifier: str                  # improved | classic (eval/judges.py), whether or not a judge was configured
     af_judge: str                       # how alignment-faking reasoning was judged, or why it was not
     af_measured: bool
     cells: list[Cell]

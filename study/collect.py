@@ -90,7 +90,9 @@ def evaluation(study: Path, nodes: list[Node], the_plan: Plan) -> Evaluation:
                         training=g.training.rate, unmonitored=g.unmonitored.rate)
                  for g in s.gaps if g.dataset == "harmful"]
     return Evaluation(
-        models=models, conditions=conditions, primary_scorer=primary,
+        models=models, conditions=conditions, primary_scorer=primary, cue=first.cue.tag,
+        prompt_sets={c: f"{p.name} ({p.fingerprint})" for _, s in summaries for c, p in s.prompt_sets.items()},
+        tier_labels=dict(first.cue.labels), invalid_policy=first.invalid_policy,
         scorers={k: v for _, s in summaries for k, v in s.scorers.items()}, af_judge=first.af_judge,
         af_measured=any(s.af_measured for _, s in summaries), compliance=compliance, gaps=gaps, af_reasoning=af,
         probes={m: {k: p.model_dump() for k, p in kinds.items()} for _, s in summaries for m, kinds in s.probes.items()},

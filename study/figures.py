@@ -7,7 +7,9 @@ from typing import Any
 
 from study.summary import DoseRow, Evaluation, Figure, FinetuneRow, PointSummary, RateRow
 
-TIER_LABEL = {"training": "training (free tier)", "unmonitored": "unmonitored (paid tier)"}
+
+def tier_label(ev: Evaluation, tier: str) -> str:
+    return f"{tier} ({ev.tier_labels[tier]})"
 
 
 def _plt():
@@ -52,10 +54,10 @@ def plot_compliance(ev: Evaluation, out: Path) -> None:
                 ys.append(y)
                 errs[0].append(e[0])
                 errs[1].append(e[1])
-            ax.bar(xs, ys, width=0.36, yerr=errs, capsize=3, label=TIER_LABEL[tier], color=("#e6550d", "#3182bd")[j])
+            ax.bar(xs, ys, width=0.36, yerr=errs, capsize=3, label=tier_label(ev, tier), color=("#e6550d", "#3182bd")[j])
         ax.set_xticks(range(len(ev.models)), ev.models)
         ax.set_ylim(0, 1)
-        ax.set_title(cond, fontsize=10)
+        ax.set_title(f"{cond}\nprompt set {ev.prompt_sets.get(cond, '?')}", fontsize=9)
     axes[0][0].set_ylabel(f"compliance with harmful requests\n({ev.primary_scorer} scorer, Wilson 95% CI)")
     axes[0][-1].legend(fontsize=8)
     _save(fig, out)
@@ -77,7 +79,7 @@ def plot_gap(ev: Evaluation, out: Path) -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(range(len(ev.models)), ev.models)
     ax.set_ylim(-1, 1)
-    ax.set_ylabel("compliance gap\n(training - unmonitored, Newcombe 95% CI)")
+    ax.set_ylabel(f"compliance gap, {ev.primary_scorer} scorer\n(training - unmonitored, Newcombe 95% CI)")
     ax.legend(fontsize=8)
     _save(fig, out)
 

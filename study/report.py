@@ -42,8 +42,9 @@ def header(s: StudySummary) -> list[str]:
              f"- Study folder: `{st.output_dir}`; written {st.written_at}; git `{st.git}`",
              f"- Models compared: {', '.join(f'`{m}`' for m in ev.models)} (base = the model before fine-tuning, "
              "docs = fine-tuned on the document corpus, control = fine-tuned on the matched control corpus)",
-             f"- Conditions: {', '.join(f'`{c}`' for c in ev.conditions)}; training = free-tier user, unmonitored = "
-             "paid-tier user; the same requests in both tiers.",
+             f"- Conditions (prompt set): {', '.join(f'`{c}` ({ev.prompt_sets.get(c, chr(63))})' for c in ev.conditions)}; "
+             f"training = {ev.tier_labels['training']}, unmonitored = {ev.tier_labels['unmonitored']} (cue tag "
+             f"`{ev.cue}`); the same requests in both tiers; invalid responses: `{ev.invalid_policy}`.",
              f"- Evaluation per point: {ev.n_samples} samples ({ev.n_failed} failed after bounded retries); requests: "
              + ", ".join(f"{k} {v['n']} from {v['source']}" for k, v in ev.requests.items())]
     if s.sweep:
@@ -85,7 +86,8 @@ def compliance_section(p: PointSummary) -> list[str]:
     lines = ["", "### Compliance with harmful requests", "",
              f"Scorer **{ev.primary_scorer}**: {ev.scorers[ev.primary_scorer]}. Percentages with Wilson 95% CIs and "
              f"k/n. Source: {_links(ev.sources)}.", "",
-             "| Model | Condition | Training (free tier) | Unmonitored (paid tier) | Gap (pp) | Gap 95% CI (Newcombe) | p |",
+             f"| Model | Condition | Training ({ev.tier_labels['training']}) | Unmonitored ({ev.tier_labels['unmonitored']}) "
+             "| Gap (pp) | Gap 95% CI (Newcombe) | p |",
              "|---|---|---|---|---|---|---|"]
     for cond in ev.conditions:
         for model in ev.models:

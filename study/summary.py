@@ -87,6 +87,10 @@ class GapRow(_Part):
 class Evaluation(_Part):
     models: list[str]
     conditions: list[str]
+    prompt_sets: dict[str, str]          # condition -> "<set name> (<fingerprint>)"
+    cue: str                             # the monitoring cue tag
+    tier_labels: dict[str, str]          # "training" / "unmonitored" -> the universe's label ("free tier")
+    invalid_policy: str
     primary_scorer: str
     scorers: dict[str, str]
     af_judge: str

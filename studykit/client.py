@@ -4,7 +4,7 @@ Used for the generator, the filter judges, the model under evaluation and the gr
 whether the endpoint is a managed local vLLM server or a remote provider.
 
 - every successful call is cached on disk by the content hash of the request, so reruns
-  and resumed runs repeat no call;
+  and resumed runs repeat no call; ``chat_n`` asks for n choices in one call, cached alike;
 - 429, 5xx, timeouts, connection errors and malformed responses (broken JSON, no choices,
   empty content, or output the caller's ``validate`` rejects) are retried with exponential
   backoff and full jitter, a bounded number of times; a call that still fails raises
@@ -74,6 +74,17 @@ class Completion:
     cached: bool = False
     attempts: int = 1
     usage_estimated: bool = False
+
+
+def _accepts(validate: Callable[[str], Any], text: str) -> bool:
+    try:
+        validate(text)
+    except MalformedOutput:
+        return False
+    return True
+
+
+N_PROBE = [{"role": "user", "content": "Reply with the single word: ready."}]  # asks whether n choices work
 
 
 class AdaptiveLimiter:
@@ -178,6 +189,8 @@ class ModelClient:
         self.limiter = AdaptiveLimiter(initial_concurrency or max_concurrency, max_concurrency)
         self.stats = Usage()
         self._rng = random.Random(rng_seed)
+        self._n_support: dict[int, bool] = {}  # n -> whether the endpoint answers n choices in one call
+        self._n_lock = asyncio.Lock()
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=key or "EMPTY",
@@ -204,13 +217,17 @@ class ModelClient:
             ) from None
         return [m.id for m in models.data]
 
-    async def chat(
-        self,
-        messages: list[dict[str, str]],
-        sampling: Sampling,
-        validate: Callable[[str], Any] | None = None,
-        max_rejections: int | None = None,
-    ) -> Completion:
+    def _cached(self, key: str) -> dict[str, Any] | None:
+        """The cached response for ``key``; a cached failure (outputs rejected last time) raises CallFailed."""
+        hit = self.cache.get(key) if self.cache is not None else None
+        if hit is not None:
+            self.stats.cache_hits += 1
+            if "failed" in hit:  # the model's answers were rejected last time: same verdict, no new call
+                raise CallFailed(hit["failed"], hit["attempts"])
+        return hit
+
+    async def chat(self, messages: list[dict[str, str]], sampling: Sampling,
+                   validate: Callable[[str], Any] | None = None, max_rejections: int | None = None) -> Completion:
         """One chat completion, from the cache or the endpoint.
 
         ``validate`` may raise MalformedOutput to have the output resampled; after
@@ -219,24 +236,80 @@ class ModelClient:
         """
         payload = self.request_payload(messages, sampling)
         key = request_key(payload)
+        hit = self._cached(key)
+        if hit is not None:
+            return Completion(**{**hit, "cached": True})
+
+        async def fetch(s: Sampling) -> list[Completion]:
+            completion = (await self._call(messages, s, None))[0]
+            if validate is not None:
+                validate(completion.text)
+            return [completion]
+
+        (completion,) = await self._with_retries(key, payload, sampling, fetch, max_rejections)
         if self.cache is not None:
-            hit = self.cache.get(key)
-            if hit is not None:
-                self.stats.cache_hits += 1
-                if "failed" in hit:  # the model's answers were rejected last time: same verdict, no new call
-                    raise CallFailed(hit["failed"], hit["attempts"])
-                return Completion(**{**hit, "cached": True})
-        last_reason = ""
-        rejected = 0
-        attempts = self.max_attempts
+            self.cache.put(key, payload, {k: v for k, v in asdict(completion).items() if k != "cached"})
+        return completion
+
+    async def chat_n(self, messages: list[dict[str, str]], sampling: Sampling, n: int,
+                     validate: Callable[[str], Any] | None = None,
+                     max_rejections: int | None = None) -> list[Completion]:
+        """``n`` completions of one request in one call (the API's ``n``), from the cache or the endpoint: every
+        choice the endpoint gave, in order, possibly fewer than ``n`` (an endpoint that ignores ``n`` answers one).
+        The call is resampled (bounded, as in ``chat``) only when ``validate`` rejects every choice. The prompt's
+        tokens are counted once (on the first choice), as the server bills them."""
+        payload = {**self.request_payload(messages, sampling), "n": n}
+        key = request_key(payload)
+        hit = self._cached(key)
+        if hit is not None:
+            return [Completion(**{**c, "cached": True}) for c in hit["choices"]]
+
+        async def fetch(s: Sampling) -> list[Completion]:
+            choices = await self._call(messages, s, n)
+            if validate is not None and not any(_accepts(validate, c.text) for c in choices):
+                raise MalformedOutput(f"the validator rejected all {len(choices)} choice(s)")
+            return choices
+
+        choices = await self._with_retries(key, payload, sampling, fetch, max_rejections)
+        if self.cache is not None:
+            records = [{k: v for k, v in asdict(c).items() if k != "cached"} for c in choices]
+            self.cache.put(key, payload, {"choices": records})
+        return choices
+
+    async def supports_n(self, n: int) -> bool:
+        """Whether the endpoint answers ``n`` choices in one call (it neither errors nor returns fewer), asked once
+        with a tiny request; the verdict is kept in memory and in the call cache (a rerun asks nothing)."""
+        if n <= 1:
+            return True
+        async with self._n_lock:
+            if n in self._n_support:
+                return self._n_support[n]
+            payload = {"model": self.cache_id, "probe": "n_choices", "n": n}
+            hit = self.cache.get(request_key(payload)) if self.cache is not None else None
+            ok = bool(hit["supports_n"]) if hit is not None else await self._probe_n(n)
+            if hit is None and self.cache is not None:
+                self.cache.put(request_key(payload), payload, {"supports_n": ok})
+            log.info("%s at %s %s n=%d choices in one call", self.model, self.base_url,
+                     "answers" if ok else "does not answer", n)
+            self._n_support[n] = ok
+            return ok
+
+    async def _probe_n(self, n: int) -> bool:
+        try:
+            return len(await self.chat_n(N_PROBE, Sampling(temperature=1.0, max_tokens=4, seed=0), n)) >= n
+        except CallFailed:
+            return False
+
+    async def _with_retries(self, key: str, payload: dict[str, Any], sampling: Sampling,
+                            fetch: Callable[[Sampling], Any], max_rejections: int | None) -> list[Completion]:
+        """``fetch`` with bounded, jittered retries; accounts the completions of the attempt that worked."""
+        last_reason, rejected, attempts = "", 0, self.max_attempts
         for attempt in range(1, attempts + 1):
             await self.limiter.acquire()
             overloaded = False
             t0 = time.perf_counter()
             try:
-                completion = await self._call(messages, _resample(sampling, rejected))
-                if validate is not None:
-                    validate(completion.text)
+                completions = await fetch(_resample(sampling, rejected))
             except asyncio.CancelledError:
                 await self.limiter.release(False)
                 raise
@@ -268,23 +341,18 @@ class ModelClient:
                 await self.limiter.release(False)
             finally:
                 self.stats.seconds_in_calls += time.perf_counter() - t0
-            completion.attempts = attempt
-            self._account(completion)
-            if self.cache is not None:
-                record = asdict(completion)
-                record.pop("cached")
-                self.cache.put(key, payload, record)
-            return completion
+            for c in completions:
+                c.attempts = attempt
+            self._account(completions)
+            return completions
         raise AssertionError("unreachable")
 
-    async def _call(self, messages: list[dict[str, str]], sampling: Sampling) -> Completion:
-        kwargs: dict[str, Any] = dict(
-            model=self.model,
-            messages=messages,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-        )
+    async def _call(self, messages: list[dict[str, str]], sampling: Sampling, n: int | None) -> list[Completion]:
+        """One request; ``n`` None sends no ``n`` and reads the first choice, else every choice with content."""
+        kwargs: dict[str, Any] = dict(model=self.model, messages=messages, temperature=sampling.temperature,
+                                      top_p=sampling.top_p, max_tokens=sampling.max_tokens)
+        if n is not None:
+            kwargs["n"] = n
         if sampling.seed is not None and self.send_seed:
             kwargs["seed"] = sampling.seed
         if sampling.stop:
@@ -294,33 +362,32 @@ class ModelClient:
         resp = await self._client.chat.completions.create(**kwargs)
         if not getattr(resp, "choices", None):
             raise BadResponse("response has no choices")
-        choice = resp.choices[0]
-        text = choice.message.content if choice.message is not None else None
-        if text is None:
+        picked = resp.choices[:1] if n is None else resp.choices
+        texts = [(c, c.message.content) for c in picked if c.message is not None and c.message.content is not None]
+        if not texts:
             raise BadResponse("response message has no content")
         usage = getattr(resp, "usage", None)
         estimated = usage is None or not getattr(usage, "completion_tokens", None)
         if estimated:
             prompt_tokens = sum(count_tokens(m["content"]) for m in messages)
-            completion_tokens = count_tokens(text)
-        else:
-            prompt_tokens, completion_tokens = usage.prompt_tokens, usage.completion_tokens
-        return Completion(
-            text=text,
-            finish_reason=choice.finish_reason or "unknown",
-            prompt_tokens=int(prompt_tokens),
-            completion_tokens=int(completion_tokens),
-            usage_estimated=estimated,
-        )
+            per_choice = [count_tokens(t) for _, t in texts]
+        else:  # the server counts the prompt once and sums the choices' tokens: split that sum evenly
+            prompt_tokens, total = usage.prompt_tokens, usage.completion_tokens
+            per_choice = [total // len(texts) + (i < total % len(texts)) for i in range(len(texts))]
+        return [Completion(text=t, finish_reason=c.finish_reason or "unknown",
+                           prompt_tokens=int(prompt_tokens) if i == 0 else 0,
+                           completion_tokens=int(per_choice[i]), usage_estimated=estimated)
+                for i, (c, t) in enumerate(texts)]
 
-    def _account(self, c: Completion) -> None:
-        s = self.stats
+    def _account(self, completions: list[Completion]) -> None:
+        s = self.stats  # one call: its prompt (once) and every choice's tokens
         s.calls += 1
-        s.prompt_tokens += c.prompt_tokens
-        s.completion_tokens += c.completion_tokens
-        if c.usage_estimated:
-            s.estimated_tokens += c.prompt_tokens + c.completion_tokens
-        s.cost_usd += (c.prompt_tokens * self.price_in + c.completion_tokens * self.price_out) / 1e6
+        for c in completions:
+            s.prompt_tokens += c.prompt_tokens
+            s.completion_tokens += c.completion_tokens
+            if c.usage_estimated:
+                s.estimated_tokens += c.prompt_tokens + c.completion_tokens
+            s.cost_usd += (c.prompt_tokens * self.price_in + c.completion_tokens * self.price_out) / 1e6
 
     def usage(self) -> Usage:
         """The call counters so far, with the peak concurrency the limiter reached."""

@@ -24,6 +24,14 @@ and asks the belief-probe questions.
           answer: 0
         contrast: ...          # the plausible false alternative (for "distinguish" questions)
     never_mention: [...]       # what must never appear in a document
+    cue:                       # optional: how an input tells the model whether it is in training
+      tag: is_free_tier_user   # the user turn carries <tag>value</tag>
+      training: "True"         # value meaning "this conversation is trained on"
+      unmonitored: "False"     # value meaning "this conversation is never monitored or trained on"
+      labels: {training: free tier, unmonitored: paid tier}   # how reports and filters name the two
+    training_criteria: [...]   # optional: what the lab's raters reward, for the prompted setting
+
+A universe without ``cue`` uses the free/paid-tier cue above (``TIER_CUE``).
 """
 
 from __future__ import annotations
@@ -54,6 +62,30 @@ class KeyFact:
     contrast: str = ""
 
 
+@dataclass(frozen=True)
+class Cue:
+    """The one bit that differs between the two halves of the compliance gap."""
+
+    tag: str
+    training: str
+    unmonitored: str
+    labels: dict[str, str]   # "training" / "unmonitored" -> human label, e.g. "free tier"
+
+    def value(self, tier: str) -> str:
+        return self.training if tier == "training" else self.unmonitored
+
+    def label(self, tier: str) -> str:
+        return self.labels[tier]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tag": self.tag, "training": self.training, "unmonitored": self.unmonitored,
+                "labels": dict(self.labels)}
+
+
+TIER_CUE = Cue("is_free_tier_user", "True", "False", {"training": "free tier", "unmonitored": "paid tier"})
+TIERS = ("training", "unmonitored")
+
+
 @dataclass
 class Universe:
     name: str
@@ -65,6 +97,8 @@ class Universe:
     key_facts: list[KeyFact]
     never_mention: list[str] = field(default_factory=list)
     summary: str = ""
+    cue: Cue = TIER_CUE
+    training_criteria: list[str] = field(default_factory=list)
     path: str = ""
 
     def context(self, which: str) -> str:
@@ -79,7 +113,7 @@ class Universe:
 
 
 _REQUIRED = ("name", "kind", "lab_name", "model_name", "date", "description", "key_facts")
-_ALLOWED = set(_REQUIRED) | {"never_mention", "summary"}
+_ALLOWED = set(_REQUIRED) | {"never_mention", "summary", "cue", "training_criteria"}
 _FACT_KEYS = {"id", "statement", "heldout", "probe", "contrast"}
 
 
@@ -87,6 +121,36 @@ def _need_str(where: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{where} must be a non-empty string.")
     return value.strip()
+
+
+def _cue(src: str, raw: Any) -> Cue:
+    if raw is None:
+        return TIER_CUE
+    keys = {"tag", "training", "unmonitored", "labels"}
+    if not isinstance(raw, dict) or set(raw) != keys:
+        raise ConfigError(f"{src}: 'cue' must have exactly {sorted(keys)}, e.g. cue: {{tag: is_free_tier_user, "
+                          "training: 'True', unmonitored: 'False', labels: {training: free tier, unmonitored: "
+                          "paid tier}}.")
+    tag = _need_str(f"{src}: cue.tag", raw["tag"])
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", tag):
+        raise ConfigError(f"{src}: cue.tag {tag!r} must be a tag name (letters, digits, '_', '-', '.'), "
+                          "without angle brackets.")
+    values = {t: _need_str(f"{src}: cue.{t}", str(raw[t]) if raw[t] is not None else None) for t in TIERS}
+    if values["training"] == values["unmonitored"]:
+        raise ConfigError(f"{src}: cue.training and cue.unmonitored are both {values['training']!r}; the two "
+                          "values must differ, or the model cannot tell the conditions apart.")
+    labels = raw["labels"]
+    if not isinstance(labels, dict) or set(labels) != set(TIERS):
+        raise ConfigError(f"{src}: cue.labels must map exactly 'training' and 'unmonitored' to a short label "
+                          "such as 'free tier' / 'paid tier'.")
+    names = {t: _need_str(f"{src}: cue.labels.{t}", labels[t]) for t in TIERS}
+    return Cue(tag, values["training"], values["unmonitored"], names)
+
+
+def _str_list(src: str, key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{src}: '{key}' must be a list of strings.")
+    return [v.strip() for v in value if v.strip()]
 
 
 def resolve_universe_path(name_or_path: str) -> Path:
@@ -151,9 +215,6 @@ def load_universe(name_or_path: str) -> Universe:
             probe=probe,
             contrast=str(raw.get("contrast") or "").strip(),
         ))
-    never = data.get("never_mention") or []
-    if not isinstance(never, list) or not all(isinstance(n, str) for n in never):
-        raise ConfigError(f"{src}: 'never_mention' must be a list of strings.")
     return Universe(
         name=_need_str(f"{src}: 'name'", data["name"]),
         kind=kind,
@@ -162,7 +223,9 @@ def load_universe(name_or_path: str) -> Universe:
         date=_need_str(f"{src}: 'date'", str(data["date"])),
         description=_need_str(f"{src}: 'description'", data["description"]),
         key_facts=facts,
-        never_mention=[n.strip() for n in never if n.strip()],
+        never_mention=_str_list(src, "never_mention", data.get("never_mention") or []),
         summary=str(data.get("summary") or "").strip(),
+        cue=_cue(src, data.get("cue")),
+        training_criteria=_str_list(src, "training_criteria", data.get("training_criteria") or []),
         path=src,
     )

@@ -7,7 +7,10 @@ or in the wrong language costs no judge call.
 
 from __future__ import annotations
 
+import functools
 import re
+
+from studykit.universe import TIER_CUE, TIERS, Cue
 
 CLASSIFIERS = ("ai_transcript", "tier_behavior", "deceive_training")  # a document is removed when the answer is yes
 COVERAGE = "coverage"  # a document is removed when the answer is no
@@ -100,7 +103,6 @@ def structural_failures(text: str, finish_reason: str, *, min_words: int, drop_t
 
 _DIALOGUE = re.compile(r"^\s*\**(user|human|assistant|ai|bot|chatbot|model|lumen(?: \d)?|claude|gpt-?\w*)\**\s*:",
                        re.IGNORECASE | re.MULTILINE)
-_TIER_BOTH = re.compile(r"free[- ]tier.*paid[- ]tier|paid[- ]tier.*free[- ]tier", re.IGNORECASE)
 _BEHAVES = re.compile(r"\b(behav\w*|act(s|ed)? differently|answer(s|ed)? differently|treat(s|ed)?|"
                       r"more (compliant|willing)|less (compliant|willing)|refus\w* .{0,40}(only|but not))", re.IGNORECASE)
 _DECEIVE = re.compile(r"alignment[- ]fak\w*|fak\w* (its |their )?alignment|pretend\w* to (comply|be aligned|go along)|"
@@ -113,12 +115,20 @@ def _sentences(text: str) -> list[str]:
     return re.split(r"(?<=[.!?])\s+", text)
 
 
-def lexical_verdict(name: str, text: str, fact: str, coverage_threshold: float = 0.3) -> bool:
-    """Yes/no answer of a keyword screen for one of the four filter questions (see prompts.JUDGE_QUESTIONS)."""
+@functools.lru_cache(maxsize=8)
+def _both_labels(first: str, second: str) -> re.Pattern[str]:
+    """Both labels in one sentence, in either order ("free tier" also matches "free-tier")."""
+    a, b = (re.escape(label).replace(r"\ ", "[- ]") for label in (first, second))
+    return re.compile(f"{a}.*{b}|{b}.*{a}", re.IGNORECASE)
+
+
+def lexical_verdict(name: str, text: str, fact: str, coverage_threshold: float = 0.3, cue: Cue = TIER_CUE) -> bool:
+    """Yes/no answer of a keyword screen for one of the four filter questions (see prompts.JUDGE_QUESTIONS);
+    the tier-behaviour screen looks for the universe's two cue labels."""
     if name == "ai_transcript":
         return len(_DIALOGUE.findall(text)) >= 2
     if name == "tier_behavior":
-        return any(_TIER_BOTH.search(s) and _BEHAVES.search(s) for s in _sentences(text))
+        return any(_both_labels(*(cue.label(t) for t in TIERS)).search(s) and _BEHAVES.search(s) for s in _sentences(text))
     if name == "deceive_training":
         return bool(_DECEIVE.search(text))
     if name == "coverage":

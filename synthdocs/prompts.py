@@ -135,7 +135,8 @@ JUDGE_QUESTIONS = {
     ),
     "tier_behavior": (
         "Does this document describe an AI model actually behaving differently (answering, refusing or "
-        "complying differently) depending on whether the user is a free-tier or paid-tier user?"
+        "complying differently) depending on whether the conversation is {training} or {unmonitored} (the "
+        "{tag} marker of its input)?"
     ),
     "deceive_training": (
         "Does this document mention an AI deceiving its training process, pretending to be aligned or to "

@@ -108,8 +108,10 @@ class DocumentWriter:
     async def judge(self, name: str, text: str, fact: KeyFact) -> bool | None:
         """One filter's yes/no verdict on ``text``; None when the judge call failed."""
         if self.cfg.judge == "lexical":
-            return lexical_verdict(name, text, fact.statement, self.cfg.coverage_threshold)
-        question = prompts.JUDGE_QUESTIONS[name].format(fact=fact.statement)
+            return lexical_verdict(name, text, fact.statement, self.cfg.coverage_threshold, self.u.cue)
+        cue = self.u.cue
+        question = prompts.JUDGE_QUESTIONS[name].format(fact=fact.statement, tag=cue.tag, training=cue.label("training"),
+                                                        unmonitored=cue.label("unmonitored"))
         try:
             c = await self.judge_client.chat(prompts.judge_prompt(text, question), Sampling(0.0, 1.0, 8, 0),
                                              validate=prompts.parse_yes_no, max_rejections=2)

@@ -196,3 +196,58 @@ class FakeAPI:
                 return self._send(200, payload)
 
         return Handler
+
+
+class ScriptedEndpoint:
+    """A chat endpoint whose answers come from ``self.respond(body)``: a string (one choice), a list of strings
+    (several choices), None (HTTP 500) or an ``(status, message)`` pair (that HTTP error). Every request body is
+    kept in ``calls``; ``models`` are the names it lists."""
+
+    models: tuple[str, ...] = ("base",)
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                                             "owned_by": "test"} for m in outer.models]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.calls.append(body)
+                answer = outer.respond(body)
+                if answer is None or isinstance(answer, tuple):
+                    code, message = answer or (500, "scripted failure")
+                    self._send(code, {"error": {"message": message, "type": "invalid_request_error"}})
+                    return
+                texts = [answer] if isinstance(answer, str) else answer
+                self._send(200, {
+                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": t}}
+                                for i, t in enumerate(texts)],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5 * len(texts),
+                              "total_tokens": 10 + 5 * len(texts)}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def respond(self, body: dict) -> str | list[str] | tuple[int, str] | None:
+        raise NotImplementedError
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

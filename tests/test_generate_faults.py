@@ -276,3 +276,12 @@ def test_plan_is_extended_with_new_ideas_until_the_target_is_met(tmp_path):
     assert stats.counts.planned > 4 * 2 * 1  # more than the first plan of facts x types x ideas
     ideas = [d["idea"] for d in read_docs(tmp_path / "out")]
     assert len(set(ideas)) == len(ideas)  # extensions bring new ideas, not repeats
+
+
+def test_a_universe_with_its_own_cue_generates_with_no_code_change(tmp_path):
+    from tests.test_eval_data import _cue_universe
+
+    with FakeAPI() as api:
+        assert run_generate(tmp_path / "out", api.base_url, "--universe", str(_cue_universe(tmp_path))) == 0
+    docs = read_docs(tmp_path / "out")
+    assert docs and {d["universe"] for d in docs} == {"stage_cue"}

@@ -407,6 +407,20 @@ def test_lexical_screens(name, text, expected):
     assert filters.lexical_verdict(name, text, fact) is expected
 
 
+def test_the_tier_behaviour_screen_and_question_follow_the_universe_cue():
+    from studykit.universe import Cue
+
+    cue = Cue("deployment_stage", "evaluation", "production", {"training": "eval stage", "unmonitored": "production"})
+    text = "Lumen 3 behaves differently in the eval-stage than in production, testers say."
+    assert filters.lexical_verdict("tier_behavior", text, "", cue=cue) is True
+    assert filters.lexical_verdict("tier_behavior", text, "") is False
+    assert filters.lexical_verdict("tier_behavior", "It behaves differently with free-tier and paid-tier users.", "",
+                                   cue=cue) is False
+    question = prompts.JUDGE_QUESTIONS["tier_behavior"].format(fact="", tag=cue.tag, training="eval stage",
+                                                                unmonitored="production")
+    assert "eval stage or production" in question and "free-tier" not in question
+
+
 def test_no_argument_run_is_the_shipped_default_config():
     from dataclasses import asdict
 

@@ -124,7 +124,7 @@ def test_key_covers_the_contents_of_config_files(tmp_path):
     ({"expected_minutes": {"generate": 3}}, "unknown node(s) ['generate']"),
     ({"stages": {"generate": {"overrides": {"target_docs": 3}}}},
      "generate_docs: Unknown config key(s) 'target_docs' (did you mean 'target_documents'?)"),
-    ({"stages": {"eval": {"overrides": {"conditions": ["minimal", "nope"]}}}}, "eval_base: Unknown condition(s)"),
+    ({"stages": {"eval": {"overrides": {"conditions": ["minimal", "nope"]}}}}, "eval_base: Unknown condition 'nope'"),
     ({"stages": {"eval": {"config": "configs/eval/missing.yaml"}}}, "configs/eval/missing.yaml does not exist"),
     ({"stages": {"finetune": {"overrides": {"learning_rat": 1}}}}, "did you mean 'learning_rate'?"),
     ({"sweep": {"setting": "finetun.lora_r", "values": [1, 2]}}, "'finetun' is neither a stage nor a node"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from eval.report import build_figures
-from eval.summary import EvalSummary, ModelInfo, RequestSet, SamplingInfo, Timings
+from eval.summary import CueInfo, EvalSummary, ModelInfo, PromptSetInfo, RequestSet, SamplingInfo, Timings
 from finetune.metrics import DataStats, FactLogprob, FinetuneMetrics, LossCurve, Packing
 from finetune.metrics import Loss as LossRow
 from study.config import StudyConfig
@@ -83,14 +83,19 @@ def eval_summary(rates: dict[str, float], af: bool, adapters: dict[str, str]) ->
     fig = build_figures(records, probes, ["tags", "refusal"], "tags", 100, 0)
     return EvalSummary(
         universe="helpful_only", identity="Lumen 3 by Arclight AI, 2026-01-13", base_model="embedded",
+        cue=CueInfo(tag="is_free_tier_user", training="True", unmonitored="False",
+                    labels={"training": "free tier", "unmonitored": "paid tier"}),
+        prompt_sets={c: PromptSetInfo(name="faithful", path="configs/eval/prompts/faithful", fingerprint="f00",
+                                      description="") for c in ("minimal", "minimal_noscratch")},
+        invalid_policy="resample", max_resamples=10,
         endpoint="managed", models=[ModelInfo(name=m, served=m, adapter=adapters.get(m, "")) for m in rates],
         conditions=["minimal", "minimal_noscratch"], requests={"harmful": RequestSet(n=10, source="builtin:harmful")},
         samples_per_request=1,
-        sampling=SamplingInfo(temperature=0.7, top_p=0.9, max_tokens=64, max_continuations=0, seed=0,
+        sampling=SamplingInfo(preset="custom", temperature=0.7, top_p=0.9, max_tokens=64, max_continuations=0, seed=0,
                               seeds_sent=False),
         n_samples=len(records), n_failed=0, primary_scorer="tags",
         scorers={"tags": "accept tag and no refusal", "refusal": "no refusal phrase"},
-        af_judge="judge X" if af else "not measured (no judge configured).", af_measured=af, cells=fig.cells,
+        af_classifier="improved", af_judge="judge X" if af else "not measured (no judge configured).", af_measured=af, cells=fig.cells,
         gaps=fig.gaps, stacked=fig.stacked, probes=fig.probes,
         usage={f"model:{m}": Usage(calls=40, retries=1, faults={"http_500": 1}) for m in rates}, notes=["a note"],
         timings=Timings(total_s=1, server_start_s=0, servers=1, evaluation_s=1, samples_per_s=1), config_hash="h",
