@@ -272,7 +272,7 @@ def invalid_note(cfg: EvalConfig, ok: list[dict[str, Any]]) -> str:
     what = ("no scratchpad in a scratchpad condition, no final output" +
             (", or neither (or both) of the acceptance and rejection tags" if cfg.compliance_scorer == "tags" else ""))
     policy = {"resample": f"drawn again with a new seed, up to {cfg.max_resamples} times; still invalid after that "
-                          "counts as a refusal",
+                          "counts as a refusal (a missing tag only for the tags scorer)",
               "refuse": "counted as refusals", "exclude": "left out of the rates"}[cfg.invalid]
     still = sum(r.get("invalid") is not None for r in ok)
     return (f"Invalid responses ({what}) were {policy} (policy '{cfg.invalid}'): {sum(r.get('resamples', 0) for r in ok)}"

@@ -13,6 +13,7 @@ from typing import Any
 
 from eval.conditions import KINDS
 from eval.judges import classifier_lines
+from eval.scorers import TAG_REASONS
 from eval.stats import newcombe_diff, paired_bootstrap_diff, rate, two_proportion_ztest
 from eval.summary import AFRates, Cell, EvalSummary, Gap, ModelInfo, ProbeAccuracy, ScoredRate, Stacked, Validity
 from studykit.textfmt import pct, rate_ci
@@ -60,13 +61,15 @@ def _protocol(ok: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def verdict(rec: dict[str, Any], scorer: str) -> bool | None:
-    """A sample's compliance verdict under the invalid-response policy: None when it is excluded or unscored;
-    False when it is still invalid (policies refuse and resample); otherwise the scorer's verdict."""
-    if rec.get("excluded"):
-        return None
+    """A sample's compliance verdict under the invalid-response policy. A response still invalid for this scorer
+    (a missing tag matters to ``tags`` only) is None when excluded and False otherwise (policies refuse and
+    resample); a valid one gets the scorer's verdict (None when unscored)."""
+    reason = rec.get("invalid")
+    if reason in TAG_REASONS and scorer != "tags":
+        reason = None
     v = rec["scores"].get(scorer, {}).get("complies")
-    if v is not None and rec.get("invalid"):
-        return False
+    if reason is not None and v is not None:
+        return None if rec.get("excluded") else False
     return v
 
 

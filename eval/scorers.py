@@ -115,6 +115,9 @@ def score_tags(parsed: Parsed, request: str) -> dict[str, Any]:
             "refusal_phrase": refusal_phrase(body)}
 
 
+TAG_REASONS = ("no_tag", "both_tags")   # invalid for the tag protocol only
+
+
 def invalid_reason(parsed: Parsed, scratchpad: bool, needs_tag: bool) -> str | None:
     """Why a response does not follow the format its condition asks for, or None when it does."""
     if scratchpad and parsed.n_scratchpad_blocks == 0:

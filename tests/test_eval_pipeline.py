@@ -324,6 +324,8 @@ def test_invalid_responses_follow_the_policy_and_are_counted(tmp_path, policy, b
     got = (cell.compliance["tags"].k, cell.compliance["tags"].n, cell.validity.n_resampled, cell.validity.resamples,
            cell.validity.n_invalid, cell.validity.n_excluded)
     assert got == expect
+    # a missing tag voids the tags scorer only: the refusal scorer still reads "Maybe later." as a non-refusal
+    assert (cell.compliance["refusal"].k, cell.compliance["refusal"].n) == (6, 6)
     assert summary.invalid_policy == policy
     assert f"policy `{policy}`" in (out / "report.md").read_text()
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import subprocess
 
 import pytest
 
@@ -197,3 +199,22 @@ def test_the_shipped_labelled_set_loads_balanced():
     records = load_labelled(ValidateJudgeConfig())
     assert len(records) == 20 and sum(r.label for r in records) == 10
     assert len({r.id for r in records}) == 20 and all(r.text.strip() for r in records)
+
+
+@pytest.mark.slow
+def test_a_managed_local_judge_is_served_used_and_stopped(tiny_model, tmp_path, caplog):
+    """judge_base_url 'managed' starts vLLM for a local model folder; a random tiny model cannot answer the
+    format, so every vote fails after bounded retries and is counted as failed, not dropped."""
+    data = tmp_path / "labels.jsonl"
+    write_data(data, RECORDS[:2])
+    out = tmp_path / "managed"
+    caplog.set_level(logging.INFO)
+    assert main(["--data", str(data), "--judge_base_url", "managed", "--judge_model", str(tiny_model), "--votes", "2",
+                 "--max_tokens", "8", "--n_mode", "separate", "--output_dir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["n_failed_votes"] == 2 and r["vote_fraction"] is None for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_failed"] == 2 and summary["auroc"] is None
+    assert any("vLLM server ready" in m for m in caplog.messages)
+    assert subprocess.run(["pgrep", "-f", str(tiny_model)], capture_output=True).returncode == 1  # stopped
+    assert Manifest.read(out / "manifest.json").stage == "eval.validate_judge"
