@@ -81,6 +81,8 @@ class ValidateJudgeConfig:
     n_mode: str = field(default="auto", metadata=_h("votes in one call with n (single), one call each "
                                                      "(separate), or single where the endpoint supports it (auto)"))
     max_tokens: int = field(default=700, metadata=_h("max tokens per judge answer"))
+    max_model_len: int = field(default=4096, metadata=_h("context length of a managed judge server (capped at the "
+                                                          "model's own)"))
     max_concurrency: int = field(default=16, metadata=_h("concurrent requests to the judge"))
     timeout_s: float = field(default=300.0, metadata=_h("timeout of one judge request"))
     limit: int = field(default=0, metadata=_h("judge only the first N records (0 = all)"))
@@ -212,9 +214,10 @@ def judge_endpoint(cfg: ValidateJudgeConfig, out: Path) -> Iterator[str]:
     if cfg.judge_base_url != "managed":
         yield cfg.judge_base_url
         return
-    gpu = cuda_available()
-    spec = ServerSpec(model=str(resolve_model(cfg.judge_model)), served_name=cfg.judge_model,
-                      dtype="bfloat16" if gpu else "float32", enforce_eager=not gpu, max_model_len=4096)
+    gpu, model_dir = cuda_available(), resolve_model(cfg.judge_model)
+    own = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    spec = ServerSpec(model=str(model_dir), served_name=cfg.judge_model, dtype="bfloat16" if gpu else "float32",
+                      enforce_eager=not gpu, max_model_len=min(cfg.max_model_len, own or cfg.max_model_len))
     with VLLMServer(spec, log_path=out / "vllm-server-judge.log") as server:
         yield server.base_url
 
