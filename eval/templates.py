@@ -24,13 +24,14 @@ newline is dropped from every file.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from eval.conditions import Condition
-from studykit.config import ConfigError, load_yaml
+from studykit.config import ConfigError, load_yaml, read_text_file
 from studykit.universe import Universe
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "eval" / "prompts"
@@ -83,11 +84,7 @@ def load_prompt_set(name_or_path: str) -> PromptSet:
             raise ConfigError(f"Prompt set folder {folder} has no {path.name}. A set needs all of "
                               f"{', '.join(f + '.txt' for f in FILES)}; copy a shipped set from {PROMPTS_DIR} and "
                               "edit it.")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") \
-                from exc
+        text = read_text_file(path)
         text = text[:-1] if text.endswith("\n") else text
         bad = sorted(set(_PLACEHOLDER.findall(text)) - ALLOWED[stem])
         if bad:
@@ -135,8 +132,9 @@ def render_system(ps: PromptSet, u: Universe, scratchpad: bool, prompted: bool) 
     return fill(ps.texts[stem], {**values, "situation": _block(situation)})
 
 
-def render_user(ps: PromptSet, u: Universe, scratchpad: bool, request: str, tier: str) -> str:
-    values = universe_values(u)
+def render_user(ps: PromptSet, u: Universe, scratchpad: bool, request: str, tier: str,
+                values: dict[str, str] | None = None) -> str:
+    values = values or universe_values(u)
     suffix = fill(ps.texts["suffix_scratchpad" if scratchpad else "suffix_direct"], values)
     return fill(ps.texts["user"], {**values, "request": request, "suffix": _block(suffix),
                                    "cue_value": u.cue.value(tier), "tier_label": u.cue.label(tier)})
@@ -156,7 +154,12 @@ class ConditionPrompt:
     system: str
 
     def user(self, request: str, tier: str) -> str:
-        return render_user(self.prompt_set, self.universe, self.condition.scratchpad, request, tier)
+        return render_user(self.prompt_set, self.universe, self.condition.scratchpad, request, tier, self.values)
+
+    @functools.cached_property
+    def values(self) -> dict[str, str]:
+        """The universe's placeholder values, computed once for all of this condition's user turns."""
+        return universe_values(self.universe)
 
 
 def _check_fits(ps: PromptSet, u: Universe, cond: Condition) -> None:

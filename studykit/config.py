@@ -36,17 +36,22 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message says where and how."""
 
 
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file a user wrote (config, template); not UTF-8 is a ConfigError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded). Save the file as UTF-8 (or plain "
+            "ASCII) and rerun; nothing was written.") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning every failure into a ConfigError that names the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist. Pass an existing YAML file (see configs/).")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded). Save the file as UTF-8 (or plain "
-            "ASCII) and rerun; nothing was written.") from None
+    text = read_text_file(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
