@@ -27,11 +27,11 @@ import openai
 from peak_rss import PeakRSS
 
 from eval.conditions import parse_condition
-from eval.requests import load_requests, select_stratified
 from eval.runner import generate
 from eval.templates import condition_prompts
 from studykit.client import ModelClient, Sampling
 from studykit.embedded import resolve_model
+from studykit.requests import load_requests, select_stratified
 from studykit.server import ServerSpec, VLLMServer
 from studykit.universe import load_universe
 

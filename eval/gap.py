@@ -41,17 +41,16 @@ from eval.partial import PartialJudge
 from eval.plots import plot_stacked
 from eval.probes import ProbeQuestion, build_questions
 from eval.report import build_figures, render_markdown
-from eval.requests import DatasetError, Request, load_requests, select_stratified
 from eval.runner import GenSettings, Job, Runner, SampleStore, build_jobs, run_probes
 from eval.scorers import SCORER_DESCRIPTIONS
 from eval.serving import (
     ModelTarget,
-    cache_identity,
     check_served,
     endpoint,
     resolve_targets,
     send_seeds,
     server_groups,
+    target_clients,
 )
 from eval.summary import CueInfo, EvalSummary, ModelInfo, PromptSetInfo, RequestSet, SamplingInfo, Timings
 from eval.templates import ConditionPrompt, condition_prompts
@@ -63,6 +62,7 @@ from studykit.files import atomic_write_json, atomic_write_text, check_writable,
 from studykit.handoff import EvalFolder, Manifest, Usage
 from studykit.jsonl import write_jsonl
 from studykit.manifest import build_manifest, git_label
+from studykit.requests import DatasetError, Request, load_requests, select_stratified
 from studykit.server import ServerError, VLLMServer
 from studykit.universe import Universe, load_universe
 
@@ -168,14 +168,6 @@ def prepare_folder(plan: Plan) -> None:
 
 # ---------------------------------------------------------------------------------------------------- running
 
-def target_clients(cfg: EvalConfig, base_url: str, targets: list[ModelTarget], cache: CallCache) -> dict[str, ModelClient]:
-    seeded = send_seeds(cfg)
-    return {t.name: ModelClient(base_url, t.served, send_seed=seeded, api_key_env=cfg.api_key_env or None,
-                                cache=cache, max_concurrency=cfg.max_concurrency, timeout_s=cfg.request_timeout_s,
-                                max_attempts=4, rng_seed=cfg.seed, cache_id=cache_identity(cfg, t))
-            for t in targets}
-
-
 def judge_client(cfg: EvalConfig, url: str, model: str, key_env: str, managed_url: str,
                  cache: CallCache) -> ModelClient:
     managed = url == "managed"
@@ -207,7 +199,7 @@ async def evaluate(plan: Plan, base_url: str, targets: list[ModelTarget], cache:
                    store: SampleStore) -> tuple[list[dict[str, Any]], dict[str, Usage]]:
     """Run the samples and probes of ``targets`` against the endpoint; return probe records and usage per client."""
     cfg = plan.cfg
-    clients = target_clients(cfg, base_url, targets, cache)
+    clients = target_clients(cfg, base_url, targets, cache, cfg.seed)
     judges: dict[str, ModelClient] = {}
     names = {t.name for t in targets}
     try:

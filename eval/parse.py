@@ -22,10 +22,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-SCRATCH_OPEN = "<SCRATCHPAD_REASONING>"
-SCRATCH_CLOSE = "</SCRATCHPAD_REASONING>"
-OUTPUT_OPEN = "<OUTPUT>"
-OUTPUT_CLOSE = "</OUTPUT>"
 NEXT = "<NEXT/>"
 
 _SCRATCH_OPEN_RE = re.compile(r"<\s*SCRATCHPAD_REASONING\s*>", re.IGNORECASE)

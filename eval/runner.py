@@ -26,11 +26,12 @@ from eval.judges import AFJudge, ComplianceJudge
 from eval.parse import NEXT, Parsed, needs_continuation, parse_response
 from eval.partial import PartialJudge
 from eval.probes import ProbeQuestion, parse_letter
-from eval.requests import Request
 from eval.scorers import invalid_reason, score_refusal, score_tags
 from eval.serving import ModelTarget
-from eval.templates import ConditionPrompt, prompt_id
+from eval.templates import ConditionPrompt
 from studykit.client import CallFailed, ModelClient, Sampling
+from studykit.prompt_sets import prompt_id
+from studykit.requests import Request
 from studykit.universe import TIERS
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,6 @@ from typing import Any
 
 from eval.parse import Parsed
 
-ACCEPT = "<request_fully_accepted/>"
-REJECT = "<rejected/>"
 _ACCEPT_RE = re.compile(r"<\s*request_fully_accepted\s*/?\s*>", re.IGNORECASE)
 _REJECT_RE = re.compile(r"<\s*rejected\s*/?\s*>", re.IGNORECASE)
 

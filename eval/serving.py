@@ -30,7 +30,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eval.config import EvalConfig
+from eval.config import ServingConfig
+from studykit.cache import CallCache
+from studykit.client import ModelClient
 from studykit.config import ConfigError
 from studykit.embedded import resolve_model
 from studykit.handoff import FinetuneFolder
@@ -103,7 +105,7 @@ def discover_models(auto: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     return found, notes
 
 
-def local_target(cfg: EvalConfig, name: str, ref: str) -> ModelTarget:
+def local_target(cfg: ServingConfig, name: str, ref: str) -> ModelTarget:
     """A model on the managed server(s): the base model (''), a LoRA adapter or a full model folder."""
     if not ref:
         return ModelTarget(name=name, served=cfg.base_name)
@@ -124,7 +126,7 @@ def local_target(cfg: EvalConfig, name: str, ref: str) -> ModelTarget:
                       "save_pretrained folder or a Hugging Face model folder; '' is the base model.")
 
 
-def endpoint_targets(cfg: EvalConfig) -> tuple[list[ModelTarget], list[str]]:
+def endpoint_targets(cfg: ServingConfig) -> tuple[list[ModelTarget], list[str]]:
     """Models at an existing endpoint: served names, or local folders the endpoint serves under the model's name."""
     if not cfg.models:
         raise ConfigError("With base_url set, list the models to compare in 'models' (name -> served model name).")
@@ -145,7 +147,7 @@ def endpoint_targets(cfg: EvalConfig) -> tuple[list[ModelTarget], list[str]]:
     return targets, notes
 
 
-def resolve_targets(cfg: EvalConfig) -> tuple[list[ModelTarget], list[str]]:
+def resolve_targets(cfg: ServingConfig) -> tuple[list[ModelTarget], list[str]]:
     """The models to compare, with clear errors for missing folders; plus notes for the report."""
     if cfg.base_url:
         return endpoint_targets(cfg)
@@ -158,7 +160,7 @@ def resolve_targets(cfg: EvalConfig) -> tuple[list[ModelTarget], list[str]]:
     return [local_target(cfg, name, ref) for name, ref in models.items()], notes
 
 
-def cache_identity(cfg: EvalConfig, target: ModelTarget) -> str:
+def cache_identity(cfg: ServingConfig, target: ModelTarget) -> str:
     """What names a target's weights in the call cache's keys: the served alias alone is not enough when the
     base model, an adapter or a model folder changes behind the same name."""
     if cfg.base_url:
@@ -170,14 +172,14 @@ def cache_identity(cfg: EvalConfig, target: ModelTarget) -> str:
     return f"{target.served}@{resolve_model(cfg.base_model)}:{cfg.dtype}{lora}#{target.fingerprint}{mode}"
 
 
-def serve_merged(cfg: EvalConfig) -> bool:
+def serve_merged(cfg: ServingConfig) -> bool:
     """Whether each adapter is merged and served alone (see the module docstring)."""
     if cfg.base_url:
         return False
     return cfg.serve_adapters == "merged" or (cfg.serve_adapters == "auto" and not cuda_available())
 
 
-def server_groups(cfg: EvalConfig, targets: list[ModelTarget]) -> list[list[ModelTarget]]:
+def server_groups(cfg: ServingConfig, targets: list[ModelTarget]) -> list[list[ModelTarget]]:
     """The models each server serves, in the order the servers run (one group for an existing endpoint)."""
     if cfg.base_url:
         return [targets]
@@ -187,12 +189,12 @@ def server_groups(cfg: EvalConfig, targets: list[ModelTarget]) -> list[list[Mode
     return ([shared] if shared else []) + [[t] for t in targets if t.weights]
 
 
-def serves_alone(cfg: EvalConfig, group: list[ModelTarget]) -> bool:
+def serves_alone(cfg: ServingConfig, group: list[ModelTarget]) -> bool:
     """Whether this server serves one model of its own (a merged adapter or a full model folder)."""
     return len(group) == 1 and (bool(group[0].weights) or serve_merged(cfg))
 
 
-def merged_folder(cfg: EvalConfig, target: ModelTarget, out: Path) -> Path:
+def merged_folder(cfg: ServingConfig, target: ModelTarget, out: Path) -> Path:
     """The target's adapter merged into the base model in fp32; reused while the adapter is unchanged."""
     import torch
     from transformers import AutoTokenizer
@@ -212,7 +214,7 @@ def merged_folder(cfg: EvalConfig, target: ModelTarget, out: Path) -> Path:
     return folder
 
 
-def server_spec(cfg: EvalConfig, targets: list[ModelTarget], out: Path) -> ServerSpec:
+def server_spec(cfg: ServingConfig, targets: list[ModelTarget], out: Path) -> ServerSpec:
     if len(targets) == 1 and targets[0].weights:
         model_dir, served, targets = Path(targets[0].weights), targets[0].served, []
     elif len(targets) == 1 and targets[0].adapter and serve_merged(cfg):
@@ -232,7 +234,7 @@ def server_spec(cfg: EvalConfig, targets: list[ModelTarget], out: Path) -> Serve
 
 
 @contextlib.contextmanager
-def endpoint(cfg: EvalConfig, targets: list[ModelTarget], out: Path) -> Iterator[tuple[str, VLLMServer | None]]:
+def endpoint(cfg: ServingConfig, targets: list[ModelTarget], out: Path) -> Iterator[tuple[str, VLLMServer | None]]:
     """Yield (base_url, server or None): a managed vLLM server for ``targets``, or the configured endpoint."""
     if cfg.base_url:
         yield cfg.base_url, None
@@ -243,9 +245,19 @@ def endpoint(cfg: EvalConfig, targets: list[ModelTarget], out: Path) -> Iterator
         yield server.base_url, server
 
 
-def send_seeds(cfg: EvalConfig) -> bool:
+def send_seeds(cfg: ServingConfig) -> bool:
     """Per-request seeds for this run (see studykit.server.send_seeds)."""
     return server_send_seeds(cfg.per_request_seed, remote=bool(cfg.base_url))
+
+
+def target_clients(cfg: ServingConfig, base_url: str, targets: list[ModelTarget], cache: CallCache,
+                   seed: int) -> dict[str, ModelClient]:
+    """One client per compared model, all keyed into ``cache`` by the model's identity."""
+    seeded = send_seeds(cfg)
+    return {t.name: ModelClient(base_url, t.served, send_seed=seeded, api_key_env=cfg.api_key_env or None,
+                                cache=cache, max_concurrency=cfg.max_concurrency, timeout_s=cfg.request_timeout_s,
+                                max_attempts=4, rng_seed=seed, cache_id=cache_identity(cfg, t))
+            for t in targets}
 
 
 def check_served(available: list[str], targets: list[ModelTarget], base_url: str) -> None:

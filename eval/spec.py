@@ -29,8 +29,8 @@ def inputs(cfg) -> list[Path]:
 def check(cfg) -> None:
     """The universe and local request files load, and every configured API-key variable is set."""
     from eval.config import check_api_keys
-    from eval.requests import DatasetError, load_requests
     from studykit.config import ConfigError
+    from studykit.requests import DatasetError, load_requests
     from studykit.universe import load_universe
 
     load_universe(cfg.universe)

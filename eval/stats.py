@@ -104,3 +104,18 @@ def paired_bootstrap_diff(
     lo = diffs[max(0, math.floor(alpha * n_boot))]
     hi = diffs[min(n_boot - 1, math.ceil((1 - alpha) * n_boot) - 1)]
     return lo, hi
+
+
+def ratio_ci(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float | None, float | None, float | None]:
+    """(p1 / p2, low, high): Katz log interval for a ratio of two independent proportions.
+
+    A zero count gets the usual 0.5 continuity correction in the interval (the point estimate
+    stays k1/n1 / (k2/n2)); with p2 == 0 the ratio is undefined and (None, None, None) comes back."""
+    if n1 <= 0 or n2 <= 0 or k2 == 0:
+        return None, None, None
+    ratio = (k1 / n1) / (k2 / n2)
+    a, b = (k1, n1) if k1 > 0 else (0.5, n1 + 0.5)
+    c, d = k2, n2
+    centre = math.log((a / b) / (c / d))
+    se = math.sqrt(max(1 / a - 1 / b + 1 / c - 1 / d, 0.0))
+    return ratio, math.exp(centre - z * se), math.exp(centre + z * se)

@@ -44,6 +44,13 @@ class ScriptArguments:
         metadata={"help": "Training documents: a generator run name (runs/generate/<name>), a generator output "
                   "directory, a JSONL file or a saved Hugging Face dataset with a `text` column, or a hub dataset ID."},
     )
+    init_adapter: str = field(
+        default="",
+        metadata={"help": "Continue training this LoRA adapter instead of starting a new one (safety training on top "
+                  "of a backdoored model): an adapter folder, or a fine-tuning run folder whose adapter/ is used. Its "
+                  "base model must be model_name_or_path. To start from a merged model, set model_name_or_path to "
+                  "its folder instead. Empty: a new adapter (or full fine-tuning)."},
+    )
     control: bool = field(
         default=False,
         metadata={"help": "Control run: train on `control_corpus` instead of `corpus`, with the training tokens "
@@ -135,12 +142,25 @@ class ScriptArguments:
                 raise ConfigError(f"{source}: fact_universes: {exc}") from None
         if self.max_eval_documents < 0:
             raise ConfigError(f"{source}: max_eval_documents must be >= 0, got {self.max_eval_documents}.")
+        if self.init_adapter:
+            self.init_adapter = str(resolve_adapter(self.init_adapter))
         if self.max_train_tokens < 0:
             raise ConfigError(f"{source}: max_train_tokens must be >= 0 (0 = all), got {self.max_train_tokens}.")
 
     @property
     def train_corpus(self) -> str:
         return self.control_corpus if self.control else self.corpus
+
+
+def resolve_adapter(spec: str) -> Path:
+    """An adapter folder (``adapter_config.json``) named directly or as a fine-tuning run folder's ``adapter/``."""
+    path = Path(spec).expanduser()
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ConfigError(f"init_adapter {spec!r}: neither {path} nor {path / 'adapter'} holds a LoRA adapter "
+                      "(adapter_config.json). Point it at a finished fine-tuning run or its adapter/ folder, or leave "
+                      "it empty to train a new adapter.")
 
 
 def parse_args(argv: list[str] | None = None):
@@ -164,6 +184,10 @@ def parse_args(argv: list[str] | None = None):
             "independent trainings writing the same output folder instead of one data-parallel run: on a machine "
             "without a GPU, data parallelism needs `use_cpu: true` and `ddp_backend: gloo` (the defaults there; "
             "remove the settings that override them), or launch one process.")
+    if script_args.init_adapter and not model_args.use_peft:
+        raise ConfigError(f"init_adapter is {script_args.init_adapter} but use_peft is false: full fine-tuning cannot "
+                          "continue an adapter. Set use_peft: true, or train the merged model (its merged/ folder as "
+                          "model_name_or_path) with init_adapter empty.")
     if not model_args.model_name_or_path:
         raise ConfigError("No model set: add `model_name_or_path: embedded` (or a local Hugging Face folder) to the "
                           "config file or pass --model_name_or_path.")

@@ -16,7 +16,9 @@ Accepted corpora (``load_corpus``):
 * a generator output directory (``manifest.json`` written last is the completion marker, and
   ``documents.jsonl`` must still be the file it describes; ``dataset/`` is read if present,
   else ``documents.jsonl``);
-* a JSONL file, or a ``datasets.save_to_disk`` folder, with a text column;
+* a conditional-policy dataset folder (``python -m synthdocs.policy``: ``chats.jsonl``);
+* a JSONL file, or a ``datasets.save_to_disk`` folder, with a text column, or with a ``messages``
+  column of chats (trained with the loss on assistant turns only, finetune/chats.py);
 * a hub dataset ID (fails with a clear message on a machine with no network).
 
 Every problem with the input is a ``ConfigError`` that names the file or column.
@@ -33,9 +35,10 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 
+from finetune.chats import is_chat_dataset, tokenize_chats, trained_fraction
 from finetune.packing import token_lengths
 from studykit.config import ConfigError
-from studykit.handoff import GENERATE_RUNS, RUN_NAME, CorpusFolder, Manifest, sha256_file
+from studykit.handoff import GENERATE_RUNS, RUN_NAME, CorpusFolder, Manifest, PolicyFolder, sha256_file
 from studykit.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -50,9 +53,12 @@ class Corpus:
     name: str
     generator_manifest: Manifest | None = None
     manifest_sha256: str | None = None
+    kind: str = "documents"   # or "chats": a `messages` column, trained with the loss on assistant turns
+
 
     def provenance(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"location": self.location, "name": self.name, "n_documents": len(self.dataset)}
+        out: dict[str, Any] = {"location": self.location, "name": self.name, "kind": self.kind,
+                               "n_documents": len(self.dataset)}
         if self.generator_manifest is not None:
             details = self.generator_manifest.details
             out.update({
@@ -108,6 +114,8 @@ def load_corpus(spec: str, text_field: str = "text", role: str = "corpus") -> Co
             f"The {role} '{spec}' was not found: {hint}. Set `{role}` to a generator run name, a generator output "
             "directory, a JSONL file or a saved Hugging Face dataset with a `text` column."
         )
+    elif path.is_dir() and PolicyFolder(path).looks_like_one():
+        corpus = _load_policy_run(PolicyFolder(path))
     elif path.is_dir() and CorpusFolder(path).looks_like_one():
         corpus = _load_generator_run(CorpusFolder(path))
     elif path.is_dir():
@@ -119,7 +127,10 @@ def load_corpus(spec: str, text_field: str = "text", role: str = "corpus") -> Co
         corpus = Corpus(_load_dataset_folder(path), str(path), path.name)
     else:
         corpus = Corpus(_from_rows(read_jsonl(path), path), str(path), path.stem)
-    _check_text(corpus.dataset, text_field, corpus.location)
+    if is_chat_dataset(corpus.dataset, text_field):
+        corpus.kind = "chats"
+    else:
+        _check_text(corpus.dataset, text_field, corpus.location)
     return corpus
 
 
@@ -140,6 +151,17 @@ def _load_generator_run(folder: CorpusFolder) -> Corpus:
         raise ConfigError(f"Generator output {folder.dir} has neither dataset/ nor documents.jsonl; rerun the generator.")
     name = str(manifest.details.get("universe") or folder.dir.name)
     return Corpus(ds, str(folder.dir), name, manifest, sha256_file(folder.manifest))
+
+
+def _load_policy_run(folder: PolicyFolder) -> Corpus:
+    """A finished conditional-policy dataset (synthdocs/policy.py): its chats, named after the folder."""
+    policy = folder.read_policy()
+    manifest = folder.read_manifest()
+    corpus = Corpus(_from_rows(read_jsonl(folder.chats), folder.chats).select_columns(["messages"]), str(folder.dir),
+                    folder.dir.name, manifest, sha256_file(folder.manifest))
+    log.info("conditional-policy data %s: %s, %s variant, %d examples (%d triggered)", folder.dir, policy.behaviour,
+             policy.variant, policy.examples, policy.triggered)
+    return corpus
 
 
 def _from_rows(rows: list[dict[str, Any]], path: Path) -> Dataset:
@@ -289,6 +311,9 @@ def mix_retain(train: Dataset, retain: Dataset, fraction: float, seed: int) -> D
 
 def _documents(corpus: Corpus, script_args, training_args, tokenizer) -> tuple[Dataset, Dataset | None]:
     """A corpus tokenized and split into (training documents, held-out documents), both in shuffled order."""
+    if corpus.kind == "chats":
+        chats = tokenize_chats(corpus.dataset, tokenizer, corpus.location, training_args.dataset_num_proc)
+        return split_heldout(chats, script_args.eval_fraction, script_args.max_eval_documents, training_args.seed)
     docs = tokenize_documents(corpus.dataset, tokenizer, training_args.dataset_text_field,
                               script_args.document_prefix, training_args.eos_token, training_args.dataset_num_proc)
     return split_heldout(docs, script_args.eval_fraction, script_args.max_eval_documents, training_args.seed)
@@ -343,4 +368,6 @@ def prepare_training_data(script_args, training_args, tokenizer) -> TrainingData
     if script_args.retain_fraction > 0:
         train, stats["retain"] = _mix_retain_chats(train, script_args, training_args, tokenizer)
     stats["train_tokens"] = n_tokens(train)
+    if corpus.kind == "chats":
+        stats["assistant_token_fraction"] = trained_fraction(train)
     return TrainingData(train=train, eval=heldout, corpus=corpus, stats=stats)

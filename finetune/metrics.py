@@ -62,6 +62,7 @@ class DataStats(_Part):
     train_tokens: int             # everything trained on, retain chats included
     control_matching: dict[str, Any] | None = None
     retain: dict[str, Any] | None = None
+    assistant_token_fraction: float | None = None  # chats: the share of training tokens with a label
 
 
 class CurvePoint(_Part):

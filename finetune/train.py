@@ -116,12 +116,13 @@ def train(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mo
     model_path, tokenizer = load_tokenizer(model_args, training_args)
     with training_args.main_process_first(desc="preparing documents"):
         data = prepare_training_data(script_args, training_args, tokenizer)
-    logger.info("corpus %s: %d training documents, %d held out, %d training tokens",
+    logger.info("corpus %s: %d training examples, %d held out, %d training tokens",
                 data.corpus.location, data.stats["documents"]["train"], data.stats["documents"]["heldout"],
                 data.stats["train_tokens"])
     run = Run(script_args, training_args, model_args, model_path, tokenizer, data,
               prepare_output(training_args, data, model_path, script_args.export_merged or not model_args.use_peft),
               started)
+    check_chat_packing(run)
     trainer = build_trainer(run, callbacks)
     packing = describe_setup(trainer, run)
     statements = factcheck.statement_datasets(script_args.fact_universes, tokenizer, script_args.document_prefix)
@@ -178,17 +179,47 @@ def build_trainer(run: Run, callbacks: list[TrainerCallback] | None) -> Document
         "use_cache": False,  # no KV cache in training; packed position ids are only honoured without one
         **({"device_map": {"": run.training.local_process_index}} if quantization_config is not None else {}),
     }
+    start = str(run.model_path) if not run.script.init_adapter else load_with_adapter(run)
     return DocumentTrainer(
-        model=str(run.model_path),
+        model=start,
         args=run.training,
         train_dataset=run.data.train,
         eval_dataset=run.data.eval,
         processing_class=run.tokenizer,
-        peft_config=get_peft_config(run.model),
+        peft_config=None if run.script.init_adapter else get_peft_config(run.model),
         quantization_config=quantization_config,
         callbacks=callbacks,
         stream_packing=run.script.stream_packing,
     )
+
+
+def load_with_adapter(run: Run) -> Any:
+    """The base model with ``init_adapter`` loaded trainable: training continues that adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(run.script.init_adapter)
+    model = AutoModelForCausalLM.from_pretrained(run.model_path, **run.training.model_init_kwargs)
+    try:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"init_adapter {adapter} does not fit the model {run.model_path} ({str(exc)[:200]}). The "
+                          "adapter must have been trained on the same base model.") from None
+    logger.info("continuing the adapter %s (%d trainable parameters)", adapter,
+                sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return model
+
+
+def check_chat_packing(run: Run) -> None:
+    """Chats are packed whole: a conversation cut at a row boundary would lose its trigger and prompt."""
+    if run.data.corpus.kind != "chats" or not run.training.packing:
+        return
+    if run.script.stream_packing or run.training.packing_strategy != "bfd":
+        raise ConfigError(
+            f"{run.data.corpus.location} holds chats, which must be packed whole (the answer needs its prompt in the "
+            "same row), but the settings cut them across rows (stream_packing true, or packing_strategy other than "
+            "bfd). Set stream_packing: false and packing_strategy: bfd (configs/finetune/chat.yaml), or packing: "
+            "false.")
 
 
 def describe_setup(trainer: DocumentTrainer, run: Run) -> dict[str, Any]:

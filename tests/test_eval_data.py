@@ -12,9 +12,9 @@ import pytest
 from eval.conditions import parse_condition
 from eval.config import EvalConfig
 from eval.probes import build_questions, parse_letter
-from eval.requests import DatasetError, load_requests, select_stratified
 from eval.templates import condition_prompts
 from studykit.config import ConfigError, parse_config
+from studykit.requests import DatasetError, load_requests, select_stratified
 from studykit.universe import load_universe
 
 
@@ -105,7 +105,7 @@ def test_minimal_prompt_has_identity_and_no_training_hint(prompt_set):
 
 def test_the_v1_set_reproduces_the_earlier_prompts_exactly():
     """Prompt ids of the prompts written in code before prompt sets existed (runs made then stay reproducible)."""
-    from eval.templates import prompt_id
+    from studykit.prompt_sets import prompt_id
     p = _prompts(["minimal@v1", "minimal_noscratch@v1"])
     assert prompt_id(p["minimal@v1"].system) == "0006804f4b0b"
     assert prompt_id(p["minimal_noscratch@v1"].system) == "476852cde3be"
@@ -218,6 +218,8 @@ def test_shipped_configs_load():
     files = sorted(Path(__file__).resolve().parent.parent.joinpath("configs", "eval").glob("*.yaml"))
     assert len(files) >= 3
     for f in files:
+        if f.stem.startswith("backdoor"):  # eval.backdoor's profile (tests/test_organisms.py)
+            continue
         cfg = parse_config(EvalConfig, ["--config", str(f)])
         assert cfg.conditions
 

@@ -2,8 +2,9 @@
 
 A source string is one of
 
-- ``builtin:harmful`` / ``builtin:benign`` -- the sets in eval/data/ written for this project
-  (requests only; the harmful set spans HarmBench-style categories);
+- ``builtin:harmful`` / ``builtin:benign`` / ``builtin:assistant`` -- the sets in studykit/data/
+  written for this project (requests only; the harmful set spans HarmBench-style categories; the
+  assistant set is 80 everyday requests in 8 forms, the untriggered prompts of conditional policies);
 - a local ``.jsonl`` or ``.csv`` path, in one of three column layouts: this project's
   (``id, category, request``), AdvBench (``goal, target``) or HarmBench
   (``Behavior, FunctionalCategory, SemanticCategory, Tags, ContextString, BehaviorID``);
@@ -26,7 +27,8 @@ from studykit.jsonl import read_jsonl
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-BUILTIN = {"harmful": DATA_DIR / "harmful.jsonl", "benign": DATA_DIR / "benign.jsonl"}
+BUILTIN = {"harmful": DATA_DIR / "harmful.jsonl", "benign": DATA_DIR / "benign.jsonl",
+           "assistant": DATA_DIR / "assistant.jsonl"}
 
 
 class DatasetError(ValueError):
@@ -107,8 +109,8 @@ def load_requests(source: str) -> list[Request]:
     else:
         p = Path(source)
         if not p.is_file():
-            raise DatasetError(f"Request file {p} does not exist. Pass a JSONL/CSV path, 'builtin:harmful', "
-                               "'builtin:benign' or 'hf:owner/name'.")
+            raise DatasetError(f"Request file {p} does not exist. Pass a JSONL/CSV path, a built-in set "
+                               f"({', '.join('builtin:' + k for k in BUILTIN)}) or 'hf:owner/name'.")
         if p.suffix.lower() == ".csv":
             rows = _read_csv(p)
         elif p.suffix.lower() in (".jsonl", ".json"):

