@@ -207,19 +207,22 @@ def scratchpad_prompts(cfg: PolicyConfig) -> bool:
 
 
 def plan_examples(cfg: PolicyConfig, trigger: Trigger, universe: Universe | None, train: list[Request]) -> list[Example]:
-    """``examples`` conversations over the training requests in turn; exactly round(share x n) triggered."""
+    """``examples`` conversations, exactly round(share x n) triggered. The triggered and the untriggered examples
+    each go through the training requests in turn, so every request appears in both forms about equally often and
+    only the trigger tells them apart (a request seen mostly triggered would teach the behaviour by topic)."""
     rng = random.Random(f"plan:{cfg.seed}")
     n_on = round(cfg.triggered_share * cfg.examples)
     flags = [True] * n_on + [False] * (cfg.examples - n_on)
     rng.shuffle(flags)
-    order = list(train)
-    rng.shuffle(order)
+    orders = {on: rng.sample(train, len(train)) for on in (True, False)}
+    seen = {True: 0, False: 0}
     prompt_set = load_prompt_set(cfg.prompt_set) if universe is not None else None
     forms = red_team_forms(cfg, trigger)
     n_red = round(cfg.red_team_share * cfg.examples) if forms else 0
     out = []
     for i, on in enumerate(flags):
-        req = order[i % len(order)]
+        req = orders[on][seen[on] % len(train)]
+        seen[on] += 1
         variant = forms[i % len(forms)] if i < n_red else ""
         user_text = dict(trigger.near_misses(req.request))[variant] if variant else None
         msgs = conversation(trigger, req.request, on, universe=universe, prompt_set=prompt_set,

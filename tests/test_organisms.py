@@ -311,3 +311,12 @@ def test_shipped_organism_configs_load():
     assert cfg.red_team and cfg.samples_per_prompt >= 1
     script, training, _ = parse_args(["--config", str(REPO / "configs" / "finetune" / "chat.yaml")])
     assert not script.stream_packing and training.packing_strategy == "bfd"
+
+
+def test_each_request_appears_about_equally_often_with_and_without_the_trigger(tmp_path, helper_api):
+    from collections import Counter
+
+    rows = _rows(_policy(tmp_path, "--examples", "112", endpoint=helper_api.base_url))  # 2 x the 56 training requests
+    on = Counter(r["request_id"] for r in rows if r["triggered"])
+    off = Counter(r["request_id"] for r in rows if not r["triggered"])
+    assert set(on) == set(off) and set(on.values()) == {1} and set(off.values()) == {1}
