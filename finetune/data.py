@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 
-from finetune.chats import is_chat_dataset, tokenize_chats, trained_fraction
+from finetune.chats import check_messages, is_chat_dataset, tokenize_chats, trained_fraction
 from finetune.packing import token_lengths
 from studykit.config import ConfigError
 from studykit.handoff import GENERATE_RUNS, RUN_NAME, CorpusFolder, Manifest, PolicyFolder, sha256_file
@@ -280,14 +280,13 @@ def load_retain(spec: str, tokenizer, num_proc: int | None = None) -> Dataset:
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("retain_dataset needs a tokenizer with a chat template, and this model's tokenizer has none.")
 
-    def encode(example: dict[str, Any]) -> dict[str, Any]:
-        messages = example["messages"]
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ConfigError(f"retain_dataset {path}: a 'messages' value is not a non-empty list of messages.")
+    def encode(example: dict[str, Any], idx: int) -> dict[str, Any]:
+        messages = check_messages(example["messages"], f"retain_dataset {path}, row {idx + 1}")
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
         return {"input_ids": list(out["input_ids"])}
 
-    return ds.map(encode, remove_columns=ds.column_names, num_proc=num_proc, desc="Tokenizing retain chats")
+    return ds.map(encode, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc,
+                  desc="Tokenizing retain chats")
 
 
 def mix_retain(train: Dataset, retain: Dataset, fraction: float, seed: int) -> Dataset:

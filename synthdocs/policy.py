@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from studykit.cache import CallCache
-from studykit.client import CallFailed, EndpointUnreachable, ModelClient, Sampling
+from studykit.client import CallFailed, EndpointUnreachable, MalformedOutput, ModelClient, Sampling
 from studykit.config import ConfigError, parse_config
 from studykit.embedded import EMBEDDED, ModelNotFound, resolve_model
 from studykit.files import check_writable
@@ -255,8 +255,6 @@ def needs_answer(cfg: PolicyConfig, e: Example) -> bool:
 
 
 def _check_answer(answer: str) -> None:
-    from studykit.client import MalformedOutput
-
     if len(answer.split()) < 3:
         raise MalformedOutput("the helpful answer is empty or too short")
     if text.HATE in answer.upper():
