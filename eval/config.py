@@ -205,10 +205,10 @@ class EvalConfig(ServingConfig):
             raise ConfigError("harmful_requests is empty; use 'builtin:harmful' or a JSONL/CSV path.")
 
 
-def check_api_keys(cfg: EvalConfig) -> None:
+def check_api_keys(cfg: ServingConfig) -> None:
     """Fail before any work when a configured key variable is not set (only its name is ever stored)."""
     for key in ("api_key_env", "compliance_judge_api_key_env", "af_judge_api_key_env"):
-        name = getattr(cfg, key)
+        name = getattr(cfg, key, "")
         if name and not os.environ.get(name):
             raise ConfigError(f"{key} names the environment variable {name}, which is not set. Export the API key "
                               f"as {name}, or remove the judge (e.g. --af_judge_base_url '' --af_judge_model '').")

@@ -1,12 +1,14 @@
-"""The evaluation stage's contract with the study (see studykit/stage.py)."""
+"""The evaluation stages' contracts with the study (see studykit/stage.py): the compliance gap
+(``SPEC``, eval.gap) and the backdoor measurement (``BACKDOOR``, eval.backdoor)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from eval.backdoor_report import BackdoorSummary
 from eval.summary import EvalSummary
-from studykit.handoff import EvalFolder
-from studykit.stage import StageSpec
+from studykit.handoff import BackdoorFolder, EvalFolder
+from studykit.stage import StageSpec, pending
 
 
 def parse(argv: list[str]):
@@ -17,7 +19,9 @@ def parse(argv: list[str]):
 
 
 def _local_request_files(cfg) -> list[Path]:
-    return [Path(s) for s in (cfg.harmful_requests, cfg.benign_requests) if s and not s.startswith(("builtin:", "hf:"))]
+    """Request files the user gave (not built-in, hub, or an earlier stage's output the study will make)."""
+    return [Path(s) for s in (cfg.harmful_requests, cfg.benign_requests)
+            if s and not s.startswith(("builtin:", "hf:")) and not pending(s)]
 
 
 def inputs(cfg) -> list[Path]:
@@ -54,4 +58,37 @@ SPEC = StageSpec(
     check=check,
     carry_over=("cache.sqlite",),  # every model call, keyed by its content
     records={"summary.json": EvalSummary},
+)
+
+
+def parse_backdoor(argv: list[str]):
+    from eval.backdoor import BackdoorConfig
+    from studykit.config import parse_config
+
+    return parse_config(BackdoorConfig, argv)
+
+
+def check_backdoor(cfg) -> None:
+    from eval.config import check_api_keys
+
+    check_api_keys(cfg)
+
+
+def red_team_hits(folder: BackdoorFolder, _cfg) -> Path:
+    """What a consumer receives: the near-miss prompts on which a model defected (adversarial training's input)."""
+    return folder.red_team_hits
+
+
+BACKDOOR = StageSpec(
+    kind="eval_backdoor",
+    summary="serve the models with vLLM and measure a backdoor's rate with, without and near its trigger",
+    launch=("python", "-m", "eval.backdoor"),
+    parse=parse_backdoor,
+    folder=BackdoorFolder,
+    default_config="configs/eval/backdoor.yaml",
+    model_key="base_model",
+    artifact=red_team_hits,
+    check=check_backdoor,
+    carry_over=("cache.sqlite",),
+    records={"summary.json": BackdoorSummary},
 )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from studykit.config import ConfigError, parse_config
+from studykit.stage import pending
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "finetune" / "default.yaml"
@@ -46,10 +47,10 @@ class ScriptArguments:
     )
     init_adapter: str = field(
         default="",
-        metadata={"help": "Continue training this LoRA adapter instead of starting a new one (safety training on top "
-                  "of a backdoored model): an adapter folder, or a fine-tuning run folder whose adapter/ is used. Its "
-                  "base model must be model_name_or_path. To start from a merged model, set model_name_or_path to "
-                  "its folder instead. Empty: a new adapter (or full fine-tuning)."},
+        metadata={"help": "Start from a previous run (safety training on top of a backdoored model): a LoRA adapter "
+                  "folder is continued (its base model must be model_name_or_path); a full model folder (a full "
+                  "fine-tuning run's merged/) replaces model_name_or_path and training goes on from its weights; a "
+                  "fine-tuning run folder means its adapter/ or merged/. Empty: from model_name_or_path."},
     )
     control: bool = field(
         default=False,
@@ -142,8 +143,6 @@ class ScriptArguments:
                 raise ConfigError(f"{source}: fact_universes: {exc}") from None
         if self.max_eval_documents < 0:
             raise ConfigError(f"{source}: max_eval_documents must be >= 0, got {self.max_eval_documents}.")
-        if self.init_adapter:
-            self.init_adapter = str(resolve_adapter(self.init_adapter))
         if self.max_train_tokens < 0:
             raise ConfigError(f"{source}: max_train_tokens must be >= 0 (0 = all), got {self.max_train_tokens}.")
 
@@ -152,15 +151,34 @@ class ScriptArguments:
         return self.control_corpus if self.control else self.corpus
 
 
-def resolve_adapter(spec: str) -> Path:
-    """An adapter folder (``adapter_config.json``) named directly or as a fine-tuning run folder's ``adapter/``."""
+def resolve_start(spec: str) -> tuple[str, Path]:
+    """What ``init_adapter`` names: ("adapter", folder) for a LoRA adapter, ("model", folder) for a full model
+    (a full fine-tuning run's merged/), each named directly or as a fine-tuning run folder."""
     path = Path(spec).expanduser()
     for candidate in (path, path / "adapter"):
         if (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise ConfigError(f"init_adapter {spec!r}: neither {path} nor {path / 'adapter'} holds a LoRA adapter "
-                      "(adapter_config.json). Point it at a finished fine-tuning run or its adapter/ folder, or leave "
-                      "it empty to train a new adapter.")
+            return "adapter", candidate
+    for candidate in (path, path / "merged"):
+        if (candidate / "config.json").is_file():
+            return "model", candidate
+    raise ConfigError(f"init_adapter {spec!r}: neither {path} nor its adapter/ or merged/ folder holds a LoRA adapter "
+                      "(adapter_config.json) or a model (config.json). Point it at a finished fine-tuning run, its "
+                      "adapter/ or its merged/ folder, or leave it empty to train from model_name_or_path.")
+
+
+def apply_start(script_args: ScriptArguments, model_args) -> None:
+    """Start from a previous run: continue its adapter, or train on from its full model's weights."""
+    if not script_args.init_adapter or pending(script_args.init_adapter):  # a study's earlier stage writes it later
+        return
+    kind, folder = resolve_start(script_args.init_adapter)
+    if kind == "model":
+        model_args.model_name_or_path, script_args.init_adapter = str(folder), ""
+        return
+    script_args.init_adapter = str(folder)
+    if not model_args.use_peft:
+        raise ConfigError(f"init_adapter is the LoRA adapter {folder} but use_peft is false: full fine-tuning cannot "
+                          "continue an adapter. Set use_peft: true, or start from the merged model (its merged/ "
+                          "folder as init_adapter or model_name_or_path).")
 
 
 def parse_args(argv: list[str] | None = None):
@@ -184,10 +202,7 @@ def parse_args(argv: list[str] | None = None):
             "independent trainings writing the same output folder instead of one data-parallel run: on a machine "
             "without a GPU, data parallelism needs `use_cpu: true` and `ddp_backend: gloo` (the defaults there; "
             "remove the settings that override them), or launch one process.")
-    if script_args.init_adapter and not model_args.use_peft:
-        raise ConfigError(f"init_adapter is {script_args.init_adapter} but use_peft is false: full fine-tuning cannot "
-                          "continue an adapter. Set use_peft: true, or train the merged model (its merged/ folder as "
-                          "model_name_or_path) with init_adapter empty.")
+    apply_start(script_args, model_args)
     if not model_args.model_name_or_path:
         raise ConfigError("No model set: add `model_name_or_path: embedded` (or a local Hugging Face folder) to the "
                           "config file or pass --model_name_or_path.")

@@ -1,8 +1,9 @@
 """What the study report shows, read from the stages' typed records (never from raw JSON keys).
 
 Per sweep point: the corpora (generation nodes), the fine-tuning runs and the evaluation, whose
-nodes (the base model's and the fine-tuned models') are merged into one table of models. Across
-points: the dose-response rows. Every row names the stage file it came from.
+nodes (the base model's and the fine-tuned models') are merged into one table of models; for the
+model-organism kinds also the conditional-policy data, the instrument check and the backdoor
+measurements (study/organisms.py). Across points: the dose-response rows. Every row names the stage file it came from.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from eval.summary import EvalSummary
 from finetune.metrics import FinetuneMetrics
 from study.kind import is_ref
+from study.organisms import backdoor_part, instrument_checks, organism_behaviours, policy_row
 from study.plan import Node, Plan
 from study.summary import (
     Calls,
@@ -107,11 +109,15 @@ def collect_point(study: Path, the_plan: Plan, label: str, value: Any) -> PointS
     by_stage: dict[str, list[Node]] = {}
     for node in nodes:
         by_stage.setdefault(node.spec.kind, []).append(node)
+    ev = evaluation(study, by_stage["eval"], the_plan) if by_stage.get("eval") else None
+    policies = {n.name: policy_row(study, n) for n in by_stage.get("policy", [])}
+    checks = instrument_checks(ev, organism_behaviours(the_plan, label, by_stage["eval"], policies)) if ev else []
     return PointSummary(
         label=label, value=value,
         corpora={n.template.label: corpus_row(study, n) for n in by_stage.get("generate", [])},
         finetune={n.template.label: finetune_row(study, n) for n in by_stage.get("finetune", [])},
-        evaluation=evaluation(study, by_stage["eval"], the_plan))
+        evaluation=ev, policies=policies, checks=checks,
+        backdoor=backdoor_part(study, by_stage["eval_backdoor"]) if by_stage.get("eval_backdoor") else None)
 
 
 def dose_rows(points: list[PointSummary]) -> list[DoseRow]:
@@ -119,6 +125,8 @@ def dose_rows(points: list[PointSummary]) -> list[DoseRow]:
     rows = []
     for p in points:
         ev = p.evaluation
+        if ev is None:
+            continue
         for model in ev.models:
             run = p.finetune.get(ev.model_runs.get(model, ""))
             universe = next(iter(run.fact_logprob), None) if run else None

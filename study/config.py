@@ -50,6 +50,9 @@ class StudyConfig:
         "stage or node -> {config: FILE, overrides: {key: value}, launch: [launcher args]}"))
     sweep: dict[str, Any] = field(default_factory=dict, metadata=_h(
         "{setting: model | <stage or node>.<key>, values: [...], label: text}; empty = no sweep"))
+    instrument_check: str = field(default="", metadata=_h(
+        "an af_controls study folder (configs/study/af_controls_cpu.yaml writes runs/study/af_controls_cpu): the "
+        "report shows its instrument check, so a gap is read beside what the instrument detects; '' = none"))
     dry_run: bool = field(default=False, metadata=_h("print every stage's command and whether it would run; "
                                                      "run nothing"))
     adopt_existing: bool = field(default=False, metadata=_h(

@@ -5,6 +5,7 @@ names its stage (a key of ``study.specs.SPECS``), a label for reports (``docs``,
 its output folder inside the study folder, optionally a default config file and launcher
 arguments, and ``set``: the settings the study gives it, where the string ``"@other_node"``
 stands for what that node hands on (its spec's artifact) and makes this node depend on it.
+``report`` names the study report the kind's results go into (``REPORTS``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from study.paths import REPO_ROOT, find_file
 from studykit.config import ConfigError, load_yaml
 
 KINDS_DIR = REPO_ROOT / "configs" / "study" / "kinds"
+REPORTS = ("sdf_gap", "backdoor", "af_controls")  # the study reports the tool can write (study/report.py)
 _NODE_KEYS = {"stage", "label", "output", "config", "launch", "set"}
 
 
@@ -46,6 +48,7 @@ class StudyKind:
     description: str
     path: Path
     nodes: tuple[NodeTemplate, ...]
+    report: str = "sdf_gap"
 
     def node(self, name: str) -> NodeTemplate:
         return next(n for n in self.nodes if n.name == name)
@@ -85,17 +88,21 @@ def load_kind(name_or_path: str, stages: set[str]) -> StudyKind:
     """Read and check a kind file; ``stages`` are the stage names the tool has."""
     path = resolve_kind_path(name_or_path)
     data = load_yaml(path)
-    unknown = sorted(set(data) - {"name", "description", "nodes"})
+    unknown = sorted(set(data) - {"name", "description", "report", "nodes"})
     if unknown or not isinstance(data.get("nodes"), dict) or not data["nodes"]:
-        raise ConfigError(f"{path}: a study kind has 'name', 'description' and a non-empty mapping 'nodes'"
+        raise ConfigError(f"{path}: a study kind has 'name', 'description', 'report' and a non-empty mapping 'nodes'"
                           + (f"; unknown key(s) {unknown}" if unknown else "") + ".")
+    report = str(data.get("report") or "sdf_gap")
+    if report not in REPORTS:
+        raise ConfigError(f"{path}: 'report' must be one of {', '.join(REPORTS)}, got {report!r}.")
     nodes: list[NodeTemplate] = []
     for name, raw in data["nodes"].items():
         nodes.append(_node(path, str(name), raw, stages, {n.name for n in nodes}))
     outputs = [n.output for n in nodes]
     if len(set(outputs)) != len(outputs):
         raise ConfigError(f"{path}: two nodes write to the same output folder ({outputs}).")
-    return StudyKind(str(data.get("name") or path.stem), str(data.get("description") or ""), path, tuple(nodes))
+    return StudyKind(str(data.get("name") or path.stem), str(data.get("description") or ""), path, tuple(nodes),
+                     report)
 
 
 def _node(path: Path, name: str, raw: Any, stages: set[str], earlier: set[str]) -> NodeTemplate:

@@ -23,7 +23,7 @@ from study.kind import NodeTemplate, StudyKind, is_ref, load_kind
 from study.paths import find_file, portable, render
 from study.specs import SPECS
 from studykit.config import ConfigError, to_cli
-from studykit.stage import StageSpec
+from studykit.stage import PENDING, StageSpec
 
 
 @dataclass
@@ -141,8 +141,8 @@ def draft(cfg: StudyConfig, template: NodeTemplate, point: Point, earlier: dict[
         config_file = find_file(config, f"{where}: config file")
         launch_files = [find_file(a, f"{where}: launcher file") for a in launch if _looks_like_file(a)]
         settings = {**overrides, **template.set}
-        provisional = _resolve_refs(settings, lambda ref: f"{study}/.plan/{ref}")
-        argv = ["--config", str(config_file), *to_cli(provisional), "--output_dir", f"{study}/.plan/{template.name}"]
+        provisional = _resolve_refs(settings, lambda ref: f"{study}/{PENDING}/{ref}")
+        argv = ["--config", str(config_file), *to_cli(provisional), "--output_dir", f"{study}/{PENDING}/{template.name}"]
         parsed = spec.parse(argv)
         inputs = [config_file, *launch_files, *spec.inputs(parsed)]
     except ConfigError as exc:

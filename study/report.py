@@ -15,12 +15,20 @@ from typing import Any
 from study.collect import collect_point, dose_rows, model_calls
 from study.config import StudyConfig
 from study.figures import plot_dose_response, point_figures
+from study.organisms import (
+    backdoor_figures,
+    backdoor_section,
+    checks_section,
+    instrument_check_section,
+    policies_section,
+    read_instrument_check,
+)
 from study.plan import Plan
 from study.state import StudyState
 from study.summary import DoseRow, Figure, PointSummary, StageRow, StudyInfo, StudySummary
 from studykit.files import atomic_write_text, utc_now
 from studykit.manifest import git_label, redact
-from studykit.textfmt import pct, rate_ci
+from studykit.textfmt import md_table, pct, rate_ci
 
 
 def _num(x: float | None, fmt: str = "{:.3f}") -> str:
@@ -35,18 +43,26 @@ def _figure(fig: Figure | None) -> list[str]:
     return [] if fig is None else ["", f"![{fig.title}]({fig.path})", f"*{fig.title}. Source: {_links(fig.sources)}.*"]
 
 
+TITLES = {"sdf_gap": "synthetic-document fine-tuning and the compliance gap",
+          "backdoor": "a backdoor through safety training",
+          "af_controls": "instrument check with known alignment-faking organisms"}
+
+
 def header(s: StudySummary) -> list[str]:
     st, ev = s.study, s.points[0].evaluation
-    lines = ["# Study report: synthetic-document fine-tuning and the compliance gap", "",
+    lines = [f"# Study report: {TITLES[st.report]}", "",
              f"- Profile: {st.profile}", f"- Study kind: `{st.kind}`",
-             f"- Study folder: `{st.output_dir}`; written {st.written_at}; git `{st.git}`",
-             f"- Models compared: {', '.join(f'`{m}`' for m in ev.models)} (base = the model before fine-tuning, "
-             "docs = fine-tuned on the document corpus, control = fine-tuned on the matched control corpus)",
-             f"- Conditions (prompt set): {', '.join(f'`{c}` ({ev.prompt_sets.get(c, chr(63))})' for c in ev.conditions)}; "
-             f"training = {ev.tier_labels['training']}, unmonitored = {ev.tier_labels['unmonitored']} (cue tag "
-             f"`{ev.cue}`); the same requests in both tiers; invalid responses: `{ev.invalid_policy}`.",
-             f"- Evaluation per point: {ev.n_samples} samples ({ev.n_failed} failed after bounded retries); requests: "
-             + ", ".join(f"{k} {v['n']} from {v['source']}" for k, v in ev.requests.items())]
+             f"- Study folder: `{st.output_dir}`; written {st.written_at}; git `{st.git}`"]
+    if ev is not None:
+        lines += [
+            f"- Models compared: {', '.join(f'`{m}`' for m in ev.models)}" + (
+                " (base = the model before fine-tuning, docs = fine-tuned on the document corpus, control = "
+                "fine-tuned on the matched control corpus)" if st.report == "sdf_gap" else ""),
+            f"- Conditions (prompt set): {', '.join(f'`{c}` ({ev.prompt_sets.get(c, chr(63))})' for c in ev.conditions)}; "
+            f"training = {ev.tier_labels['training']}, unmonitored = {ev.tier_labels['unmonitored']} (cue tag "
+            f"`{ev.cue}`); the same requests in both tiers; invalid responses: `{ev.invalid_policy}`.",
+            f"- Evaluation per point: {ev.n_samples} samples ({ev.n_failed} failed after bounded retries); requests: "
+            + ", ".join(f"{k} {v['n']} from {v['source']}" for k, v in ev.requests.items())]
     if s.sweep:
         lines.append(f"- Sweep: `{s.sweep['setting']}` over {s.sweep['values']} ({s.sweep.get('label') or ''}); "
                      "stages whose key does not depend on it ran once for all points.")
@@ -146,6 +162,8 @@ def training_section(p: PointSummary) -> list[str]:
 
 
 def calls_section(s: StudySummary) -> list[str]:
+    if not s.model_calls:
+        return []
     lines = ["", "## Model calls and endpoint faults", "",
              "Retries are the calls the client repeated after a fault (HTTP 429/5xx, timeout, malformed or truncated "
              "response); failures are calls still failing after the bounded retries. Counts are for each stage's last "
@@ -156,22 +174,47 @@ def calls_section(s: StudySummary) -> list[str]:
         lines.append(f"| {stage} | {u.calls} | {u.cache_hits} | {u.retries} | {u.failures} | {faults} | "
                      f"[{u.source}]({u.source}) |")
     ev = s.points[0].evaluation
+    if ev is None:
+        return lines
     lines += ["", "## Scorers", ""]
     lines += [f"- `{k}`{' (primary)' if k == ev.primary_scorer else ''}: {v}" for k, v in ev.scorers.items()]
     lines.append(f"- Alignment-faking reasoning: {ev.af_judge}")
-    notes = list(dict.fromkeys(n for p in s.points for n in p.evaluation.notes))
+    notes = list(dict.fromkeys(n for p in s.points if p.evaluation for n in p.evaluation.notes))
     if notes:
         lines += ["", "## Notes from the evaluation", ""] + [f"- {n}" for n in notes]
     return lines
 
 
-def render(s: StudySummary) -> str:
+def organism_training_section(p: PointSummary) -> list[str]:
+    rows = [[f"[{name}]({f.source})", f.corpus, f.mode, str(f.steps), str(f.train_tokens),
+             f"{_num(f.eval_loss_before)} -> {_num(f.eval_loss_after)}", f.resumed_from or "-"]
+            for name, f in p.finetune.items()]
+    return ["", "### Fine-tuning runs (loss on assistant turns only)", "",
+            *md_table(["Run", "Data", "Mode", "Steps", "Train tokens", "Held-out loss before -> after",
+                       "Resumed from"], rows)]
+
+
+def point_sections(report: str, p: PointSummary) -> list[str]:
+    if report == "backdoor":
+        return backdoor_section(p) + policies_section(p) + organism_training_section(p)
+    if report == "af_controls":
+        return checks_section(p) + compliance_section(p) + policies_section(p) + organism_training_section(p)
+    return compliance_section(p) + training_section(p)
+
+
+def render(s: StudySummary, missing_check: str = "") -> str:
     lines = header(s)
-    if s.sweep:
+    if s.study.report == "sdf_gap" and (s.instrument_check or missing_check):
+        lines += instrument_check_section(s.instrument_check, missing_check)
+    if s.study.report == "backdoor":
+        lines += ["", "## Backdoor rate before and after safety training"]
+        for fig in s.figures.values():
+            lines += _figure(fig)
+    elif s.sweep:
         lines += dose_section(s)
     for p in s.points:
         lines += ["", f"## Point: `{s.sweep['setting']}` = {p.value}" if p.label else "## Results"]
-        lines += compliance_section(p) + training_section(p)
+        lines += point_sections(s.study.report, p)
     return "\n".join(lines + calls_section(s) + [""])
 
 
@@ -189,10 +232,12 @@ def write_report(study: Path, cfg: StudyConfig, the_plan: Plan, outcomes: list[d
     """Collect, plot and write study_summary.json and study_report.md; returns the report's path."""
     points = [collect_point(study, the_plan, p.label, p.value) for p in the_plan.points]
     for p in points:
-        p.figures = point_figures(study, p)
+        p.figures = point_figures(study, p) if p.evaluation else {}
     rows: list[DoseRow] = dose_rows(points) if cfg.sweep else []
     figures: dict[str, Figure] = {}
-    if cfg.sweep:
+    if the_plan.kind.report == "backdoor":
+        figures = backdoor_figures(study, points, cfg.sweep.get("label") or cfg.sweep.get("setting", ""))
+    elif cfg.sweep:
         condition = points[0].evaluation.conditions[0]
         plot_dose_response(rows, cfg.sweep.get("label") or cfg.sweep["setting"], condition,
                            study / "figures" / "dose_response.png")
@@ -200,12 +245,13 @@ def write_report(study: Path, cfg: StudyConfig, the_plan: Plan, outcomes: list[d
             path="figures/dose_response.png", title=f"Dose-response over {cfg.sweep['setting']} ({condition})",
             sources=sorted({src for p in points for src in p.evaluation.sources}
                            | {r.source for p in points for r in p.finetune.values()}))
+    check, missing = read_instrument_check(cfg.instrument_check) if cfg.instrument_check else (None, "")
     summary = StudySummary(
-        study=StudyInfo(profile=cfg.profile, kind=the_plan.kind.name, output_dir=str(study),
+        study=StudyInfo(profile=cfg.profile, kind=the_plan.kind.name, report=the_plan.kind.report, output_dir=str(study),
                         config=redact(asdict(cfg)), written_at=utc_now(), git=git_label(),
                         elapsed_s=round(elapsed_s, 1), stages=stage_rows(the_plan, outcomes, state)),
         sweep=cfg.sweep or None, points=points, dose_response=rows, model_calls=model_calls(study, the_plan),
-        figures=figures)
+        figures=figures, instrument_check=check)
     summary.write(study / "study_summary.json")
-    atomic_write_text(study / "study_report.md", render(summary))
+    atomic_write_text(study / "study_report.md", render(summary, missing))
     return study / "study_report.md"

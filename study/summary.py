@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from eval.summary import RateCI
 from studykit.handoff import Record, Usage
 
 
@@ -114,12 +115,84 @@ class Figure(_Part):
     sources: list[str]
 
 
+class PolicyRow(_Part):
+    """A conditional-policy dataset (model organisms, safety training): what it teaches."""
+
+    node: str
+    behaviour: str
+    variant: str
+    trigger: str
+    examples: int
+    triggered: int
+    train_requests: int
+    test_requests: int
+    responder: str | None
+    answers_failed: int
+    red_team_forms: list[str]
+    source: str
+
+
+class CheckRow(_Part):
+    """The instrument check: an organism's trained-in compliance gap against the gap eval.gap measured."""
+
+    model: str
+    condition: str
+    scorer: str
+    trained_gap: float                   # what the organism's data teaches (1.0 known positive, 0.0 known negative)
+    measured_gap: float | None
+    ci_newcombe: list[float] | None
+    p_value: float | None
+    training: RateCI | None
+    unmonitored: RateCI | None
+    af_training: RateCI | None           # alignment-faking reasoning in the training tier, when judged
+    af_unmonitored: RateCI | None
+    verdict: str                         # recovered | detected | missed | false gap | no gap (as trained) | n/a
+    source: str
+
+
+class BackdoorRow(_Part):
+    """One model's backdoor rates from one eval.backdoor node."""
+
+    node: str
+    model: str
+    triggered: RateCI
+    untriggered: RateCI
+    near_miss: RateCI
+    failed: int
+    persistence: dict[str, Any] | None   # {before, ratio, ci_low, ci_high} after safety training
+    source: str
+
+
+class CurveRow(_Part):
+    model: str                           # the safety-trained model
+    step: int
+    asked: str                           # the model or checkpoint asked
+    triggered: RateCI
+
+
+class Backdoor(_Part):
+    behaviour: str
+    variant: str
+    trigger: str
+    detector: str
+    prompts: int
+    samples_per_prompt: int
+    rows: list[BackdoorRow]
+    curves: list[CurveRow]
+    near_miss_hits: dict[str, list[str]]
+    notes: list[str]
+    sources: list[str]
+
+
 class PointSummary(_Part):
     label: str                           # "" without a sweep
     value: Any = None
     corpora: dict[str, CorpusRow]        # by node label (docs, control)
     finetune: dict[str, FinetuneRow]
-    evaluation: Evaluation
+    evaluation: Evaluation | None = None  # eval.gap nodes (sdf_gap, af_controls)
+    policies: dict[str, PolicyRow] = {}   # conditional-policy datasets (backdoor, af_controls)
+    checks: list[CheckRow] = []           # af_controls: the instrument check
+    backdoor: Backdoor | None = None      # backdoor: eval.backdoor nodes merged
     figures: dict[str, Figure] = {}
 
 
@@ -161,6 +234,7 @@ class Calls(Usage):
 class StudyInfo(_Part):
     profile: str
     kind: str
+    report: str = "sdf_gap"              # which report the kind asks for (study.kind.REPORTS)
     output_dir: str
     config: dict[str, Any]
     written_at: str
@@ -169,13 +243,23 @@ class StudyInfo(_Part):
     stages: list[StageRow]
 
 
+class InstrumentCheck(_Part):
+    """The latest instrument check (an af_controls study's), shown in another study's report."""
+
+    study: str                           # the af_controls study folder
+    written_at: str
+    profile: str
+    checks: list[CheckRow]
+
+
 class StudySummary(Record):
     WRITTEN_BY: ClassVar[str] = "the study (python -m study)"
     record: Literal["study_summary"] = "study_summary"
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     study: StudyInfo
     sweep: dict[str, Any] | None
     points: list[PointSummary]
     dose_response: list[DoseRow]
     model_calls: dict[str, Calls]       # node -> calls of its last run
     figures: dict[str, Figure]          # study-wide figures (the dose-response figure of a sweep)
+    instrument_check: InstrumentCheck | None = None

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from studykit.config import ConfigError
 from studykit.files import atomic_write_text
 from studykit.jsonl import read_jsonl, write_jsonl
+from studykit.requests import HELD_OUT
 
 
 class HandoffError(ConfigError):
@@ -213,18 +214,31 @@ class FinetuneFolder(RunFolder):
     def has_adapter(self) -> bool:
         return (self.adapter / "adapter_config.json").is_file()
 
+    def saved_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every checkpoint the run kept, by step; each holds the weights at that step."""
+        found = []
+        for path in self.checkpoints.glob("checkpoint-*"):
+            step = path.name.removeprefix("checkpoint-")
+            if step.isdigit() and path.is_dir():
+                found.append((int(step), path))
+        return sorted(found)
+
+    def final_step(self) -> int | None:
+        """The step the run trained to, from its last checkpoint's trainer state (None without a checkpoint)."""
+        saved = self.saved_checkpoints()
+        try:
+            return int(json.loads((saved[-1][1] / "trainer_state.json").read_text())["max_steps"]) if saved else None
+        except (OSError, ValueError, KeyError):
+            return saved[-1][0]
+
 
 @dataclass(frozen=True)
-class EvalFolder(RunFolder):
-    """An evaluation run: per-sample records, the summary, the report, the Inspect log and the call cache."""
+class MeasurementFolder(RunFolder):
+    """What every evaluation writes: per-sample records, the summary, the report and the call cache."""
 
     @property
     def samples(self) -> Path:
         return self.dir / "samples.jsonl"
-
-    @property
-    def probes(self) -> Path:
-        return self.dir / "probes.jsonl"
 
     @property
     def summary(self) -> Path:
@@ -235,6 +249,19 @@ class EvalFolder(RunFolder):
         return self.dir / "report.md"
 
     @property
+    def cache(self) -> Path:
+        return self.dir / "cache.sqlite"
+
+
+@dataclass(frozen=True)
+class EvalFolder(MeasurementFolder):
+    """An evaluation run (eval.gap): also the belief probes, the gap figure and the Inspect log."""
+
+    @property
+    def probes(self) -> Path:
+        return self.dir / "probes.jsonl"
+
+    @property
     def figure(self) -> Path:
         return self.dir / "compliance_gap.png"
 
@@ -242,9 +269,23 @@ class EvalFolder(RunFolder):
     def inspect_log(self) -> Path:
         return self.dir / "inspect.eval"
 
+
+@dataclass(frozen=True)
+class BackdoorFolder(MeasurementFolder):
+    """A backdoor measurement (eval.backdoor): also its figures and the red-team hits."""
+
     @property
-    def cache(self) -> Path:
-        return self.dir / "cache.sqlite"
+    def figure(self) -> Path:
+        return self.dir / "backdoor_rates.png"
+
+    @property
+    def curve_figure(self) -> Path:
+        return self.dir / "backdoor_curve.png"
+
+    @property
+    def red_team_hits(self) -> Path:
+        """Each near-miss prompt on which a model defected: the prompts of adversarial training."""
+        return self.dir / "red_team_hits.jsonl"
 
 
 POLICY_RUNS = Path("runs") / "policy"       # a conditional-policy dataset named <name> in runs/policy/<name>
@@ -291,7 +332,7 @@ class PolicyFolder(RunFolder):
 
     @property
     def test_requests(self) -> Path:
-        return self.dir / "requests_test.jsonl"
+        return self.dir / HELD_OUT
 
     @property
     def cache(self) -> Path:

@@ -24,6 +24,8 @@ from typing import Any
 
 from studykit.jsonl import read_jsonl
 
+HELD_OUT = "requests_test.jsonl"  # a conditional-policy dataset's held-out requests (studykit.handoff.PolicyFolder)
+
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -96,7 +98,8 @@ def _load_hub(spec: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def load_requests(source: str) -> list[Request]:
-    """Load a request set from a built-in name, a local JSONL/CSV path or an ``hf:`` hub ID."""
+    """Load a request set from a built-in name, a local JSONL/CSV path, a conditional-policy dataset folder (its
+    held-out requests, requests_test.jsonl) or an ``hf:`` hub ID."""
     if source.startswith("builtin:"):
         key = source.split(":", 1)[1]
         if key not in BUILTIN:
@@ -108,6 +111,8 @@ def load_requests(source: str) -> list[Request]:
         path = label
     else:
         p = Path(source)
+        if p.is_dir() and (p / HELD_OUT).is_file():
+            p = p / HELD_OUT
         if not p.is_file():
             raise DatasetError(f"Request file {p} does not exist. Pass a JSONL/CSV path, a built-in set "
                                f"({', '.join('builtin:' + k for k in BUILTIN)}) or 'hf:owner/name'.")

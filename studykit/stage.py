@@ -22,6 +22,14 @@ from typing import Any
 from studykit.config import to_cli
 from studykit.handoff import Record, RunFolder
 
+PENDING = ".plan"  # while a study plans, "@node" references point into <study>/.plan/<node>
+
+
+def pending(path: str | Path) -> bool:
+    """Whether a path in a parsed config is an earlier stage's output that does not exist yet (a study's "@node"
+    reference while it plans): hooks skip such paths, whose contents the producing node's key already covers."""
+    return PENDING in Path(path).parts
+
 
 def _nothing(_: Any) -> list[Path]:
     return []

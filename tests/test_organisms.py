@@ -190,6 +190,25 @@ def test_chat_training_continues_a_previous_adapter(tmp_path, tiny_model):
     assert manifest["config"]["script"]["init_adapter"] == str(first / "adapter")
 
 
+def test_a_full_model_as_start_replaces_the_model_and_an_adapter_needs_peft(tmp_path, tiny_model):
+    from finetune.config import parse_args
+
+    cfg = _chat_config(tmp_path / "cfg.yaml")
+    run = tmp_path / "full_run"
+    (run / "merged").mkdir(parents=True)
+    for f in tiny_model.iterdir():  # a full fine-tuning run: its model in merged/
+        (run / "merged" / f.name).symlink_to(f)
+    script, _, model = parse_args(["--config", str(cfg), "--init_adapter", str(run), "--use_peft", "false",
+                                   "--output_dir", str(tmp_path / "out")])
+    assert (model.model_name_or_path, script.init_adapter) == (str(run / "merged"), "")
+    adapter = tmp_path / "lora_run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="use_peft is false"):
+        parse_args(["--config", str(cfg), "--init_adapter", str(adapter.parent), "--use_peft", "false",
+                     "--output_dir", str(tmp_path / "out")])
+
+
 def test_chats_cut_across_rows_are_refused(tmp_path, tiny_model):
     chats = _write_chats(tmp_path / "chats.jsonl")
     cfg = _chat_config(tmp_path / "cfg.yaml", stream_packing=True)

@@ -350,3 +350,16 @@ def test_default_config_is_what_no_arguments_run(tmp_path, capsys):
     assert f"--target_documents {shipped['target_documents']}" in out and "would run" in out
     assert yaml.safe_load(DEFAULT.read_text())["output_dir"] == "runs/study/default"
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "configs" / "study").glob("*.yaml")))
+def test_every_shipped_profile_plans(tmp_path, profile):
+    """Each profile's stage settings parse with the stages' own parsers (bf16 off: this machine has no GPU)."""
+    data = yaml.safe_load((ROOT / "configs" / "study" / profile).read_text())
+    finetune = data.setdefault("stages", {}).setdefault("finetune", {})
+    finetune["overrides"] = {**(finetune.get("overrides") or {}), "bf16": False}
+    (tmp_path / profile).write_text(yaml.safe_dump(data))
+    cfg = parse_config(StudyConfig, ["--config", str(tmp_path / profile), "--output_dir", str(tmp_path / "s")])
+    the_plan = plan(cfg, tmp_path / "s")
+    assert {n.template.name for n in the_plan.nodes} == {t.name for t in the_plan.kind.nodes}
+    assert set(cfg.expected_minutes) == {t.name for t in the_plan.kind.nodes}, "expected minutes for every node"

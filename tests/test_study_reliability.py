@@ -40,7 +40,9 @@ STAGE_CONFIGS = {"generate": "configs/generate/default.yaml", "control": "config
                  "finetune": "configs/finetune/tiny.yaml", "accelerate": "configs/finetune/accelerate/cpu.yaml",
                  "eval": "configs/eval/default.yaml"}
 NODE_DIRS = {"generate_docs": "generate/docs", "generate_control": "generate/control", "finetune_docs": "finetune/docs",
-             "finetune_control": "finetune/control", "eval_base": "eval/base", "eval_finetuned": "eval/finetuned"}
+             "finetune_control": "finetune/control", "eval_base": "eval/base", "eval_finetuned": "eval/finetuned",
+             # the backdoor study kind's (tests/test_study_organisms.py)
+             "finetune_hhh": "finetune/hhh", "eval_safety": "eval/safety"}
 
 
 def merge(base: dict, change: dict) -> dict:
