@@ -5,13 +5,16 @@
     python -m study --config configs/study/gpu_8b.yaml            # one GPU, 7-8B model
     python -m study --config configs/study/paper_70b.yaml         # paper scale (stages on separate machines)
     python -m study --dry_run true                                # print each stage's command; run nothing
+    python -m study --config configs/study/af_controls_cpu.yaml   # the instrument check (known AF organisms)
+    python -m study --config configs/study/backdoor_cpu.yaml      # a backdoor through safety training
     make study                                                    # set up .venv, then the default profile
 
 Settings: ``study.config.StudyConfig``, then ``--config FILE.yaml`` (default
 configs/study/default.yaml), then ``--key value`` (unknown keys are an error). The study kind
-(configs/study/kinds/sdf_gap.yaml by default) is the graph of stages; each stage is the command
-a user would run by hand, built from a stage config file plus the profile's overrides (see
-study/plan.py for keys, sweeps and shared nodes, study/runner.py for skipping and resuming).
+(configs/study/kinds/: sdf_gap by default, af_controls, backdoor) is the graph of stages; each
+stage is the command a user would run by hand, built from a stage config file plus the profile's
+overrides (see study/plan.py for keys, sweeps and shared nodes, study/runner.py for skipping
+and resuming).
 The study writes ``study_report.md``, ``study_summary.json`` and ``figures/*.png`` in the study
 folder.
 """

@@ -77,7 +77,7 @@ def check_policy(cfg) -> None:
     if cfg.trigger == "cue":
         load_universe(cfg.universe)
     try:
-        if not pending(cfg.requests):
+        if not cfg.requests.startswith("hf:") and not pending(cfg.requests):  # the hub is read when the stage runs
             load_requests(cfg.requests)
     except DatasetError as exc:
         raise ConfigError(str(exc)) from None
