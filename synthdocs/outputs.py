@@ -69,9 +69,10 @@ def save_dataset(docs: list[dict[str, Any]], path: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     rows = [{k: v for k, v in d.items() if k != "filters"} | {"filters": json.dumps(d.get("filters", {}))}
             for d in docs]
-    # an empty corpus still gets a loadable dataset with the standard text column
+    # an empty corpus still gets a loadable dataset with the standard text column: with no rows, datasets writes
+    # no data file unless asked for one shard, and then cannot load the folder back
     ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"text": [], "id": []})
-    ds.save_to_disk(str(tmp))
+    ds.save_to_disk(str(tmp), num_shards=None if rows else 1)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 

@@ -15,7 +15,7 @@ from synthdocs import filters, prompts
 from synthdocs.config import GenerateConfig
 from synthdocs.dedup import DedupIndex, near_duplicates
 from synthdocs.diversity import distinct_n, diversity_stats
-from synthdocs.outputs import RunRecord, build_stats, reason_kind
+from synthdocs.outputs import RunRecord, build_stats, reason_kind, save_dataset
 from synthdocs.pipeline import Pipeline
 from synthdocs.plan import interleave, unify_spellings
 from synthdocs.report import render_report
@@ -426,3 +426,13 @@ def test_no_argument_run_is_the_shipped_default_config():
 
     assert asdict(parse_config(GenerateConfig, [])) == asdict(
         parse_config(GenerateConfig, ["--config", "configs/generate/default.yaml"]))
+
+
+def test_an_empty_corpus_still_writes_a_loadable_dataset(tmp_path):
+    import datasets
+
+    save_dataset([], tmp_path / "dataset")
+    loaded = datasets.load_from_disk(str(tmp_path / "dataset"))
+    assert len(loaded) == 0 and loaded.column_names == ["text", "id"]
+    save_dataset([{"id": "d1", "text": "a document", "filters": {"coverage": True}}], tmp_path / "dataset")
+    assert datasets.load_from_disk(str(tmp_path / "dataset"))["text"] == ["a document"]

@@ -40,9 +40,9 @@ STAGE_CONFIGS = {"generate": "configs/generate/default.yaml", "control": "config
                  "finetune": "configs/finetune/tiny.yaml", "accelerate": "configs/finetune/accelerate/cpu.yaml",
                  "eval": "configs/eval/default.yaml"}
 NODE_DIRS = {"generate_docs": "generate/docs", "generate_control": "generate/control", "finetune_docs": "finetune/docs",
-             "finetune_control": "finetune/control", "eval_base": "eval/base", "eval_finetuned": "eval/finetuned",
-             # the backdoor study kind's (tests/test_study_organisms.py)
-             "finetune_hhh": "finetune/hhh", "eval_safety": "eval/safety"}
+             "finetune_control": "finetune/control", "eval_base": "eval/base", "eval_finetuned": "eval/finetuned"}
+# where kill_during finds the progress of the backdoor study kind's nodes (tests/test_study_organisms.py)
+PROGRESS_DIRS = {**NODE_DIRS, "finetune_hhh": "finetune/hhh", "eval_safety": "eval/safety"}
 
 
 def merge(base: dict, change: dict) -> dict:
@@ -234,7 +234,7 @@ def jsonl_rows(path: Path) -> int:
 def progress(study: Path, node: str) -> int:
     """How far a running node has got, by what it has stored: model calls cached (generation), checkpoints
     written (training), samples stored (evaluation)."""
-    folder = study / NODE_DIRS[node]
+    folder = study / PROGRESS_DIRS[node]
     if node.startswith("generate"):
         return sqlite_rows(folder / "cache.sqlite")
     if node.startswith("finetune"):
