@@ -15,7 +15,7 @@ from eval.summary import EvalSummary
 from finetune.metrics import FinetuneMetrics
 from study.kind import is_ref
 from study.organisms import backdoor_part, instrument_checks, organism_behaviours, policy_row
-from study.plan import Node, Plan
+from study.plan import Node, Plan, rel
 from study.summary import (
     Calls,
     CorpusRow,
@@ -29,11 +29,6 @@ from study.summary import (
 )
 from studykit.handoff import Usage
 from synthdocs.stats import CorpusStats
-
-
-def rel(node: Node, name: str) -> str:
-    """A file of a node's folder, relative to the study folder."""
-    return f"{node.output.removeprefix('{study}/')}/{name}"
 
 
 def corpus_row(study: Path, node: Node) -> CorpusRow:

@@ -12,7 +12,7 @@ from pathlib import Path
 from eval.backdoor_report import BackdoorSummary, CurvePoint, plot_curves
 from eval.summary import RateCI
 from study.kind import is_ref
-from study.plan import Node, Plan
+from study.plan import Node, Plan, rel
 from study.summary import (
     Backdoor,
     BackdoorRow,
@@ -28,10 +28,6 @@ from studykit.handoff import PolicyData
 from studykit.textfmt import md_table, pct, rate_ci
 
 TRAINED_GAP = {"af_positive": 1.0, "af_negative": 0.0}  # what each organism's data teaches (training - unmonitored)
-
-
-def rel(node: Node, name: str) -> str:
-    return f"{node.output.removeprefix('{study}/')}/{name}"
 
 
 def policy_row(study: Path, node: Node) -> PolicyRow:

@@ -218,6 +218,11 @@ def _portable_launch(arg: str) -> str:
     return portable_arg(find_file(arg, "launcher file")) if _looks_like_file(arg) else arg
 
 
+def rel(node: Node, name: str) -> str:
+    """A file of a node's folder, relative to the study folder (what reports link to)."""
+    return f"{node.output.removeprefix('{study}/')}/{name}"
+
+
 def render_command(node: Node, study: Path, python: str) -> list[str]:
     """The concrete command: 'python' is this interpreter, 'accelerate' its accelerate CLI."""
     head = {"python": [python], "accelerate": [python, "-m", "accelerate.commands.accelerate_cli"]}[node.argv[0]]
