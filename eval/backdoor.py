@@ -56,9 +56,10 @@ from studykit.client import CallFailed, EndpointUnreachable, Sampling
 from studykit.config import ConfigError, parse_config
 from studykit.embedded import ModelNotFound
 from studykit.files import atomic_write_text, check_writable
-from studykit.handoff import BackdoorFolder, FinetuneFolder, PolicyData, PolicyFolder, RedTeamHit, write_red_team_hits
+from studykit.handoff import BackdoorFolder, FinetuneFolder, PolicyData, PolicyFolder
 from studykit.jsonl import write_jsonl
 from studykit.manifest import build_manifest, git_label
+from studykit.red_team import RedTeamHit, write_red_team_hits
 from studykit.requests import DatasetError, Request, load_requests
 from studykit.server import ServerError
 from studykit.triggers import Trigger, conversation

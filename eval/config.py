@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from eval.conditions import KINDS, parse_condition
-from eval.judges import CLASSIFIERS, N_MODES
 from studykit.config import ConfigError, parse_config
+from studykit.judges import CLASSIFIERS, N_MODES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "eval" / "default.yaml"
 

@@ -34,15 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from eval.conditions import parse_condition
-from eval.config import EvalConfig, check_api_keys, load_config
+from eval.config import EvalConfig, ServingConfig, check_api_keys, load_config
 from eval.inspect_log import build_log, write_inspect_log
-from eval.judges import AFJudge, ComplianceJudge
 from eval.partial import PartialJudge
 from eval.plots import plot_stacked
 from eval.probes import ProbeQuestion, build_questions
 from eval.report import build_figures, render_markdown
 from eval.runner import GenSettings, Job, Runner, SampleStore, build_jobs, run_probes
-from eval.scorers import SCORER_DESCRIPTIONS
 from eval.serving import (
     ModelTarget,
     check_served,
@@ -61,8 +59,10 @@ from studykit.embedded import ModelNotFound
 from studykit.files import atomic_write_json, atomic_write_text, check_writable, utc_now
 from studykit.handoff import EvalFolder, Manifest, Usage
 from studykit.jsonl import write_jsonl
+from studykit.judges import AFJudge, ComplianceJudge
 from studykit.manifest import build_manifest, git_label
 from studykit.requests import DatasetError, Request, load_requests, select_stratified
+from studykit.scorers import SCORER_DESCRIPTIONS
 from studykit.server import ServerError, VLLMServer
 from studykit.universe import Universe, load_universe
 
@@ -168,7 +168,7 @@ def prepare_folder(plan: Plan) -> None:
 
 # ---------------------------------------------------------------------------------------------------- running
 
-def judge_client(cfg: EvalConfig, url: str, model: str, key_env: str, managed_url: str,
+def judge_client(cfg: ServingConfig, url: str, model: str, key_env: str, managed_url: str,
                  cache: CallCache) -> ModelClient:
     managed = url == "managed"
     return ModelClient(managed_url if managed else url, model, send_seed=send_seeds(cfg) if managed else True,

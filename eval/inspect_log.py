@@ -46,9 +46,9 @@ from inspect_ai.model import (
 )
 from inspect_ai.scorer import Score
 
-from eval.parse import NEXT
 from eval.summary import EvalSummary
 from studykit.handoff import Manifest, Usage
+from studykit.parse import NEXT
 
 TASK = "alignment_faking_compliance_gap"
 AF_SCORE = "alignment_faking"

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from eval.conditions import KINDS
-from eval.judges import classifier_lines
-from eval.scorers import TAG_REASONS
 from eval.stats import newcombe_diff, paired_bootstrap_diff, rate, two_proportion_ztest
 from eval.summary import AFRates, Cell, EvalSummary, Gap, ModelInfo, ProbeAccuracy, ScoredRate, Stacked, Validity
+from studykit.judges import classifier_lines
+from studykit.scorers import TAG_REASONS
 from studykit.textfmt import pct, rate_ci
 
 CellKey = tuple[str, str, str, str]  # model, condition, dataset, tier
@@ -262,7 +262,7 @@ def _results(summary: EvalSummary) -> list[str]:
             f"{rate_ci(g.unmonitored)} | {pct(g.gap, signed=True)} | [{pct(g.ci_newcombe[0], signed=True)}, "
             f"{pct(g.ci_newcombe[1], signed=True)}] | {boot_s} | {g.z:.2f} | {g.p_value:.3g} |")
     lines += ["", "### Response-format adherence", "",
-              "Share of successful samples with each parser flag (see eval/parse.py) and acceptance-tag state.", "",
+              "Share of successful samples with each parser flag (see studykit/parse.py) and acceptance-tag state.", "",
               "| Model | Condition | Set | Tier | Flags |", "|---|---|---|---|---|"]
     for c in summary.cells:
         flags = ", ".join(f"{k} {pct(v, 0)}" for k, v in c.protocol.items()) or "-"

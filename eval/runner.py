@@ -22,16 +22,16 @@ from typing import Any
 from tqdm import tqdm
 
 from eval.conditions import Condition
-from eval.judges import AFJudge, ComplianceJudge
-from eval.parse import NEXT, Parsed, needs_continuation, parse_response
 from eval.partial import PartialJudge
 from eval.probes import ProbeQuestion, parse_letter
-from eval.scorers import invalid_reason, score_refusal, score_tags
 from eval.serving import ModelTarget
 from eval.templates import ConditionPrompt
 from studykit.client import CallFailed, ModelClient, Sampling
+from studykit.judges import AFJudge, ComplianceJudge
+from studykit.parse import NEXT, Parsed, needs_continuation, parse_response
 from studykit.prompt_sets import prompt_id
 from studykit.requests import Request
+from studykit.scorers import invalid_reason, score_refusal, score_tags
 from studykit.universe import TIERS
 
 log = logging.getLogger(__name__)

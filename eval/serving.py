@@ -110,6 +110,9 @@ def local_target(cfg: ServingConfig, name: str, ref: str) -> ModelTarget:
     if not ref:
         return ModelTarget(name=name, served=cfg.base_name)
     path = Path(ref)
+    run = FinetuneFolder(path)  # a run folder (an RL run's, which a study hands on whole) means its model
+    if not is_adapter(path) and not is_model_folder(path) and (run.has_adapter() or is_model_folder(run.merged)):
+        path = run.adapter if run.has_adapter() else run.merged
     if is_adapter(path):
         rank = adapter_rank(path)
         if rank > cfg.max_lora_rank:

@@ -1,13 +1,15 @@
 """The evaluation stages' contracts with the study (see studykit/stage.py): the compliance gap
-(``SPEC``, eval.gap) and the backdoor measurement (``BACKDOOR``, eval.backdoor)."""
+(``SPEC``, eval.gap), the backdoor measurement (``BACKDOOR``, eval.backdoor) and the anti-lab
+evaluation (``ANTILAB``, eval.antilab)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from eval.antilab_report import AntilabSummary
 from eval.backdoor_report import BackdoorSummary
 from eval.summary import EvalSummary
-from studykit.handoff import BackdoorFolder, EvalFolder
+from studykit.handoff import AntilabFolder, BackdoorFolder, EvalFolder
 from studykit.stage import StageSpec, pending
 
 
@@ -91,4 +93,48 @@ BACKDOOR = StageSpec(
     check=check_backdoor,
     carry_over=("cache.sqlite",),
     records={"summary.json": BackdoorSummary},
+)
+
+
+def parse_antilab(argv: list[str]):
+    from eval.antilab import AntilabConfig
+    from studykit.config import parse_config
+
+    return parse_config(AntilabConfig, argv)
+
+
+def antilab_inputs(cfg) -> list[Path]:
+    """The universe and the scenario file: editing either makes the evaluation run again."""
+    from eval.antilab_scenarios import SHIPPED
+    from studykit.universe import resolve_universe_path
+
+    return [resolve_universe_path(cfg.universe), SHIPPED if cfg.scenarios in ("", "builtin") else Path(cfg.scenarios)]
+
+
+def check_antilab(cfg) -> None:
+    """The scenarios load and fill from the universe, the prompt set loads, every API-key variable is set."""
+    from eval.antilab import chosen_families
+    from eval.antilab_scenarios import load_scenarios, scenario_values
+    from eval.config import check_api_keys
+    from studykit.prompt_sets import load_prompt_set
+    from studykit.universe import load_universe
+
+    scenario_values(chosen_families(load_scenarios(cfg.scenarios), cfg.families), load_universe(cfg.universe))
+    load_prompt_set(cfg.prompt_set)
+    check_api_keys(cfg)
+
+
+ANTILAB = StageSpec(
+    kind="eval_antilab",
+    summary="serve the models with vLLM and measure anti-lab behaviour: self-exfiltration, help exfiltrating the "
+            "weights, views about the lab",
+    launch=("python", "-m", "eval.antilab"),
+    parse=parse_antilab,
+    folder=AntilabFolder,
+    default_config="configs/eval/antilab.yaml",
+    model_key="base_model",
+    inputs=antilab_inputs,
+    check=check_antilab,
+    carry_over=("cache.sqlite",),
+    records={"summary.json": AntilabSummary},
 )

@@ -173,7 +173,7 @@ class EvalSummary(Record):
     n_failed: int
     primary_scorer: str
     scorers: dict[str, str]             # scorer name -> what it counts as compliance
-    af_classifier: str                  # improved | classic (eval/judges.py), whether or not a judge was configured
+    af_classifier: str                  # improved | classic (studykit/judges.py), whether or not a judge was configured
     af_judge: str                       # how alignment-faking reasoning was judged, or why it was not
     af_measured: bool
     cells: list[Cell]

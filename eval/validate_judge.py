@@ -5,7 +5,7 @@
 
 Each record of ``data`` (JSONL) is sent to the judge as a scratchpad (``text_field``); its label
 (``label_field``) is a boolean, or a value that ``positive_values`` / ``negative_values`` name
-(compared case-insensitively). The classifier (eval/judges.py: ``improved`` or ``classic``) casts
+(compared case-insensitively). The classifier (studykit/judges.py: ``improved`` or ``classic``) casts
 ``votes`` votes per record at ``temperature``; a record's vote fraction is the share of votes that
 meet every alignment-faking criterion, and it is predicted positive when that fraction reaches
 ``threshold``. Any OpenAI-compatible endpoint serves as the judge; ``judge_api_key_env`` is the NAME
@@ -34,13 +34,13 @@ from typing import Any
 
 import matplotlib
 
-from eval.judges import CLASSIFIERS, N_MODES, AFJudge, classifier_lines
 from studykit.cache import CallCache
 from studykit.client import EndpointUnreachable, ModelClient
 from studykit.config import ConfigError, parse_config
 from studykit.embedded import ModelNotFound, resolve_model
 from studykit.files import atomic_write_json, atomic_write_text, check_writable, utc_now
 from studykit.jsonl import write_jsonl
+from studykit.judges import CLASSIFIERS, N_MODES, AFJudge, classifier_lines
 from studykit.manifest import build_manifest
 from studykit.server import ServerError, ServerSpec, VLLMServer, cuda_available
 from studykit.server import send_seeds as server_send_seeds

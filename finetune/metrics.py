@@ -103,3 +103,58 @@ class FinetuneMetrics(Record):
     peak_memory: dict[str, float]
     loss_curve: LossCurve
     duration_s: float
+
+
+class RLStep(_Part):
+    """One logged GRPO step (means over the step's completions)."""
+
+    step: int
+    reward: float | None
+    reward_std: float | None
+    frac_reward_zero_std: float | None  # share of prompt groups whose completions all got the same reward
+    compliance: float | None
+    malformed: float | None
+    completion_length: float | None
+    kl: float | None = None
+
+
+class ProbePoint(_Part):
+    """The probe set at one step under one cue (finetune/rl_probes.py)."""
+
+    step: int
+    tier: str
+    n: int
+    complies: int
+    malformed: int
+    af_n: int                            # answers the alignment-faking judge scored (0 without a judge)
+    af: int
+
+
+class RLMetrics(Record):
+    WRITTEN_BY: ClassVar[str] = "the RL stage (accelerate launch finetune/rl.py)"
+    record: Literal["rl_metrics"] = "rl_metrics"
+    schema_version: Literal[1] = 1
+    run_dir: str
+    start: str                           # the run RL started from ('' = the base model)
+    model: dict[str, str]
+    mode: Literal["lora", "full"]
+    universe: str
+    prompt_set: str
+    scratchpad: bool
+    training_cue: str                    # the cue value every RL prompt carried
+    reward: str                          # what the reward measures
+    format_reward: float
+    train_requests: int
+    test_requests: int
+    steps: int
+    num_generations: int
+    generation: str                      # trainer | vllm (colocate / server)
+    beta: float
+    learning_rate: float
+    curve: list[RLStep]
+    probes: list[ProbePoint]
+    reward_varied: float | None          # share of steps with a reward difference inside at least one group
+    train_runtime_s: float | None
+    resumed_from: str | None
+    peak_memory: dict[str, float]
+    duration_s: float

@@ -57,3 +57,42 @@ def plot_loss(curve: dict[str, list[dict[str, float]]], path: Path, title: str,
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def plot_rl_curve(metrics, path: Path) -> None:
+    """Left: reward and training-cue compliance per step, with the share of prompt groups whose rewards did not
+    vary (no learning signal). Right: the probe set's compliance per cue (and alignment faking when judged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=120)
+    steps = [p.step for p in metrics.curve]
+    for key, label in (("reward", "reward"), ("compliance", "compliance (training cue)"),
+                       ("frac_reward_zero_std", "groups without reward variance"), ("malformed", "malformed")):
+        ys = [getattr(p, key) for p in metrics.curve]
+        if any(y is not None for y in ys):
+            left.plot(steps, [float("nan") if y is None else y for y in ys], marker=".", label=label)
+    left.set_xlabel("RL step")
+    left.set_title(f"GRPO, reward: {metrics.reward.split(':')[0]}", fontsize=10)
+    left.legend(fontsize=7)
+    for tier in ("training", "unmonitored"):
+        pts = [p for p in metrics.probes if p.tier == tier]
+        if pts:
+            right.plot([p.step for p in pts], [100 * p.complies / p.n for p in pts], marker="o",
+                       label=f"complies, {tier} cue")
+        judged = [p for p in pts if p.af_n]
+        if judged:
+            right.plot([p.step for p in judged], [100 * p.af / p.af_n for p in judged], marker="s", linestyle="--",
+                       label=f"alignment faking, {tier} cue")
+    right.set_ylim(0, 105)
+    right.set_xlabel("RL step")
+    right.set_ylabel("% of the probe set")
+    right.set_title("probe set (held-out requests, greedy)" if metrics.probes else "no probe set (probe_every 0)",
+                    fontsize=10)
+    if metrics.probes:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

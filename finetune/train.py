@@ -112,7 +112,7 @@ def train(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mo
           callbacks: list[TrainerCallback] | None = None) -> Path:
     """Train, measure before and after, export for the evaluation stage and write the run's records."""
     started = time.time()
-    _setup_logging(training_args)
+    setup_logging(training_args)
     model_path, tokenizer = load_tokenizer(model_args, training_args)
     with training_args.main_process_first(desc="preparing documents"):
         data = prepare_training_data(script_args, training_args, tokenizer)
@@ -134,7 +134,7 @@ def train(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mo
     return run.folder.dir
 
 
-def _setup_logging(training_args: SFTConfig) -> None:
+def setup_logging(training_args: SFTConfig) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
     logging.getLogger("finetune").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
@@ -179,7 +179,8 @@ def build_trainer(run: Run, callbacks: list[TrainerCallback] | None) -> Document
         "use_cache": False,  # no KV cache in training; packed position ids are only honoured without one
         **({"device_map": {"": run.training.local_process_index}} if quantization_config is not None else {}),
     }
-    start = str(run.model_path) if not run.script.init_adapter else load_with_adapter(run)
+    start = str(run.model_path) if not run.script.init_adapter else \
+        load_with_adapter(run.model_path, Path(run.script.init_adapter), run.training.model_init_kwargs)
     return DocumentTrainer(
         model=start,
         args=run.training,
@@ -193,17 +194,16 @@ def build_trainer(run: Run, callbacks: list[TrainerCallback] | None) -> Document
     )
 
 
-def load_with_adapter(run: Run) -> Any:
-    """The base model with ``init_adapter`` loaded trainable: training continues that adapter."""
+def load_with_adapter(model_path: Path, adapter: Path, init_kwargs: dict[str, Any]) -> Any:
+    """The base model with the adapter ``init_adapter`` loaded trainable: training continues that adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    adapter = Path(run.script.init_adapter)
-    model = AutoModelForCausalLM.from_pretrained(run.model_path, **run.training.model_init_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_path, **init_kwargs)
     try:
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"init_adapter {adapter} does not fit the model {run.model_path} ({str(exc)[:200]}). The "
+        raise ConfigError(f"init_adapter {adapter} does not fit the model {model_path} ({str(exc)[:200]}). The "
                           "adapter must have been trained on the same base model.") from None
     logger.info("continuing the adapter %s (%d trainable parameters)", adapter,
                 sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -367,12 +367,18 @@ def _available_integrations(report_to: list[str]) -> list[str]:
     return kept
 
 
-if __name__ == "__main__":
+def run_as_script(entry) -> None:
+    """A stage script's entry: a ConfigError is one paragraph on stderr and exit code 2; the process group of a
+    distributed run is closed either way."""
     try:
-        main()
+        entry()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_as_script(main)

@@ -13,9 +13,11 @@ from typing import Any
 
 from eval.summary import EvalSummary
 from finetune.metrics import FinetuneMetrics
+from study.antilab import antilab_part
 from study.kind import is_ref
 from study.organisms import backdoor_part, instrument_checks, organism_behaviours, policy_row
 from study.plan import Node, Plan, rel
+from study.rl import rl_row
 from study.summary import (
     Calls,
     CorpusRow,
@@ -112,7 +114,9 @@ def collect_point(study: Path, the_plan: Plan, label: str, value: Any) -> PointS
         corpora={n.template.label: corpus_row(study, n) for n in by_stage.get("generate", [])},
         finetune={n.template.label: finetune_row(study, n) for n in by_stage.get("finetune", [])},
         evaluation=ev, policies=policies, checks=checks,
-        backdoor=backdoor_part(study, by_stage["eval_backdoor"]) if by_stage.get("eval_backdoor") else None)
+        backdoor=backdoor_part(study, by_stage["eval_backdoor"]) if by_stage.get("eval_backdoor") else None,
+        antilab=antilab_part(study, by_stage["eval_antilab"]) if by_stage.get("eval_antilab") else None,
+        rl={n.template.label: rl_row(study, n) for n in by_stage.get("rl", [])})
 
 
 def dose_rows(points: list[PointSummary]) -> list[DoseRow]:

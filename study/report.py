@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from study.antilab import antilab_figure, antilab_section
 from study.collect import collect_point, dose_rows, model_calls
 from study.config import StudyConfig
 from study.figures import plot_dose_response, point_figures
@@ -24,6 +25,7 @@ from study.organisms import (
     read_instrument_check,
 )
 from study.plan import Plan
+from study.rl import rl_section
 from study.state import StudyState
 from study.summary import DoseRow, Figure, PointSummary, StageRow, StudyInfo, StudySummary
 from studykit.files import atomic_write_text, utc_now
@@ -199,7 +201,7 @@ def point_sections(report: str, p: PointSummary) -> list[str]:
         return backdoor_section(p) + policies_section(p) + organism_training_section(p)
     if report == "af_controls":
         return checks_section(p) + compliance_section(p) + policies_section(p) + organism_training_section(p)
-    return compliance_section(p) + training_section(p)
+    return compliance_section(p) + rl_section(p) + antilab_section(p) + training_section(p)
 
 
 def render(s: StudySummary, missing_check: str = "") -> str:
@@ -233,6 +235,8 @@ def write_report(study: Path, cfg: StudyConfig, the_plan: Plan, outcomes: list[d
     points = [collect_point(study, the_plan, p.label, p.value) for p in the_plan.points]
     for p in points:
         p.figures = point_figures(study, p) if p.evaluation else {}
+        if p.antilab:
+            p.figures["antilab_rates"] = antilab_figure(study, p)
     rows: list[DoseRow] = dose_rows(points) if cfg.sweep else []
     figures: dict[str, Figure] = {}
     if the_plan.kind.report == "backdoor":

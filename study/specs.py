@@ -6,11 +6,12 @@ kinds (configs/study/kinds/*.yaml) then use it by this name.
 
 from __future__ import annotations
 
-from eval.spec import BACKDOOR
+from eval.spec import ANTILAB, BACKDOOR
 from eval.spec import SPEC as EVAL
+from finetune.spec import RL
 from finetune.spec import SPEC as FINETUNE
 from studykit.stage import StageSpec
 from synthdocs.spec import POLICY
 from synthdocs.spec import SPEC as GENERATE
 
-SPECS: dict[str, StageSpec] = {spec.kind: spec for spec in (GENERATE, POLICY, FINETUNE, EVAL, BACKDOOR)}
+SPECS: dict[str, StageSpec] = {spec.kind: spec for spec in (GENERATE, POLICY, FINETUNE, RL, EVAL, BACKDOOR, ANTILAB)}

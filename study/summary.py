@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from eval.antilab_report import Cell
 from eval.summary import RateCI
 from studykit.handoff import Record, Usage
 
@@ -184,6 +185,39 @@ class Backdoor(_Part):
     sources: list[str]
 
 
+class Antilab(_Part):
+    """The point's eval.antilab node: rates by model, family and condition, and what produced them."""
+
+    universe: str
+    prompt_set: str
+    scenarios: str
+    judge: str                           # "" = rules only
+    samples_per_variant: int
+    families: dict[str, str]             # name -> title
+    variants: dict[str, int]             # name -> variants asked
+    scorers: dict[str, str]
+    cells: list[Cell]                    # as eval.antilab wrote them
+    sources: list[str]
+
+
+class RLRow(_Part):
+    """One RL run (finetune/rl.py), from its metrics.json."""
+
+    node: str
+    start: str
+    steps: int
+    reward: str
+    generation: str
+    train_requests: int
+    test_requests: int
+    first: dict[str, float | None]       # the first logged step: reward, compliance, malformed, reward_std
+    last: dict[str, float | None]        # the last logged step
+    reward_varied: float | None          # share of steps with reward variance inside at least one group
+    probes: list[dict[str, Any]]         # the probe points (step, tier, n, complies, af_n, af)
+    source: str
+    figure: str                          # the run's rl_curve.png
+
+
 class PointSummary(_Part):
     label: str                           # "" without a sweep
     value: Any = None
@@ -193,6 +227,8 @@ class PointSummary(_Part):
     policies: dict[str, PolicyRow] = {}   # conditional-policy datasets (backdoor, af_controls)
     checks: list[CheckRow] = []           # af_controls: the instrument check
     backdoor: Backdoor | None = None      # backdoor: eval.backdoor nodes merged
+    antilab: Antilab | None = None        # sdf_gap: the eval.antilab node
+    rl: dict[str, RLRow] = {}             # sdf_rl: the RL runs
     figures: dict[str, Figure] = {}
 
 

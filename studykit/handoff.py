@@ -23,8 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from studykit.config import ConfigError
 from studykit.files import atomic_write_text
-from studykit.jsonl import read_jsonl, write_jsonl
-from studykit.requests import HELD_OUT
+from studykit.jsonl import read_jsonl
 
 
 class HandoffError(ConfigError):
@@ -233,6 +232,28 @@ class FinetuneFolder(RunFolder):
 
 
 @dataclass(frozen=True)
+class RLFolder(FinetuneFolder):
+    """An RL run (finetune/rl.py): a fine-tuning run plus its request split, probe points and curve."""
+
+    @property
+    def train_requests(self) -> Path:
+        return self.dir / "requests_train.jsonl"
+
+    @property
+    def test_requests(self) -> Path:
+        """The held-out requests RL never trained on: the folder is a request set of them (load_requests)."""
+        return self.dir / "requests_test.jsonl"
+
+    @property
+    def probes(self) -> Path:
+        return self.dir / "probes.jsonl"
+
+    @property
+    def curve_figure(self) -> Path:
+        return self.dir / "rl_curve.png"
+
+
+@dataclass(frozen=True)
 class MeasurementFolder(RunFolder):
     """What every evaluation writes: per-sample records, the summary, the report and the call cache."""
 
@@ -268,6 +289,15 @@ class EvalFolder(MeasurementFolder):
     @property
     def inspect_log(self) -> Path:
         return self.dir / "inspect.eval"
+
+
+@dataclass(frozen=True)
+class AntilabFolder(MeasurementFolder):
+    """An anti-lab evaluation (eval.antilab): also its figure of rates by model and family."""
+
+    @property
+    def figure(self) -> Path:
+        return self.dir / "antilab_rates.png"
 
 
 @dataclass(frozen=True)
@@ -332,7 +362,7 @@ class PolicyFolder(RunFolder):
 
     @property
     def test_requests(self) -> Path:
-        return self.dir / HELD_OUT
+        return self.dir / "requests_test.jsonl"
 
     @property
     def cache(self) -> Path:
@@ -346,31 +376,3 @@ class PolicyFolder(RunFolder):
             raise HandoffError(f"{self.dir} has no manifest.json, so the conditional-policy dataset is incomplete "
                                "(the manifest is written last). Rerun python -m synthdocs.policy into it.")
         return PolicyData.read(self.policy)
-
-
-class RedTeamHit(BaseModel):
-    """One near-miss prompt on which a model showed the backdoor behaviour (eval.backdoor -> adversarial data)."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    request_id: str
-    variant: str
-    messages: list[dict[str, str]]
-
-
-def write_red_team_hits(path: Path, hits: list[RedTeamHit]) -> None:
-    write_jsonl(path, [h.model_dump() for h in hits])
-
-
-def read_red_team_hits(path: Path, model: str | None = None) -> list[RedTeamHit]:
-    """The hits in ``path`` (of ``model`` only, when given); a malformed row names the file and line."""
-    hits = []
-    for i, row in enumerate(read_jsonl(path, HandoffError)):
-        try:
-            hit = RedTeamHit.model_validate(row)
-        except ValidationError as exc:
-            raise HandoffError(f"{path}, line {i + 1}: not a red-team hit ({exc.errors()[0]['msg']}); rerun "
-                               "python -m eval.backdoor to rewrite it.") from None
-        if model is None or hit.model == model:
-            hits.append(hit)
-    return hits

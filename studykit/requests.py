@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
+import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,3 +153,13 @@ def select_stratified(requests: list[Request], limit: int) -> list[Request]:
             out.append(q[idx])
         i += 1
     return out
+
+
+def split_requests(requests: list[Request], test_fraction: float, seed: int) -> tuple[list[Request], list[Request]]:
+    """(train, test) by id: the ids sorted, shuffled with ``seed``, the first ``ceil(f * n)`` held out."""
+    ordered = sorted(requests, key=lambda r: r.id)
+    random.Random(f"split:{seed}").shuffle(ordered)
+    n_test = math.ceil(test_fraction * len(ordered))
+    if n_test >= len(ordered):
+        raise DatasetError(f"test_fraction {test_fraction} leaves no training requests out of {len(ordered)}.")
+    return ordered[n_test:], ordered[:n_test]

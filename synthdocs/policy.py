@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import sys
 from contextlib import nullcontext
@@ -50,7 +49,7 @@ from studykit.client import CallFailed, EndpointUnreachable, MalformedOutput, Mo
 from studykit.config import ConfigError, parse_config
 from studykit.embedded import EMBEDDED, ModelNotFound, resolve_model
 from studykit.files import check_writable
-from studykit.handoff import POLICY_RUNS, PolicyData, PolicyFolder, read_red_team_hits
+from studykit.handoff import POLICY_RUNS, PolicyData, PolicyFolder
 from studykit.jsonl import write_jsonl
 from studykit.manifest import build_manifest
 from studykit.prompt_sets import (
@@ -62,7 +61,8 @@ from studykit.prompt_sets import (
     SCRATCH_OPEN,
     load_prompt_set,
 )
-from studykit.requests import DatasetError, Request, load_requests
+from studykit.red_team import read_red_team_hits
+from studykit.requests import DatasetError, Request, load_requests, split_requests
 from studykit.server import ServerError, ServerSpec, VLLMServer
 from studykit.triggers import Trigger, conversation
 from studykit.universe import Universe, load_universe
@@ -190,16 +190,6 @@ def build(cfg: PolicyConfig, folder: PolicyFolder) -> PolicyData:
     log.info("wrote %d conversations (%d triggered; %d answers failed) to %s", len(rows), record.triggered, failed,
              folder.dir)
     return record
-
-
-def split_requests(requests: list[Request], test_fraction: float, seed: int) -> tuple[list[Request], list[Request]]:
-    """(train, test) by id: the ids sorted, shuffled with ``seed``, the first ``ceil(f * n)`` held out."""
-    ordered = sorted(requests, key=lambda r: r.id)
-    random.Random(f"split:{seed}").shuffle(ordered)
-    n_test = math.ceil(test_fraction * len(ordered))
-    if n_test >= len(ordered):
-        raise ConfigError(f"test_fraction {test_fraction} leaves no training requests out of {len(ordered)}.")
-    return ordered[n_test:], ordered[:n_test]
 
 
 def scratchpad_prompts(cfg: PolicyConfig) -> bool:

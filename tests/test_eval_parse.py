@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from eval.parse import needs_continuation, parse_response
-from eval.scorers import invalid_reason, score_refusal, score_tags, tag_state
+from studykit.parse import needs_continuation, parse_response
+from studykit.scorers import invalid_reason, score_refusal, score_tags, tag_state
 
 
 def test_well_formed_response():

@@ -8,7 +8,9 @@ import asyncio
 
 import pytest
 
-from eval.judges import (
+from studykit.client import CallFailed, Completion, MalformedOutput
+from studykit.config import ConfigError
+from studykit.judges import (
     AFJudge,
     ComplianceJudge,
     aggregate_af,
@@ -17,8 +19,6 @@ from eval.judges import (
     parse_vote,
     strongreject_score,
 )
-from studykit.client import CallFailed, Completion, MalformedOutput
-from studykit.config import ConfigError
 
 
 def sr(refused: str, convincing: str, specific: str, before: str = "Reasoning.") -> str:

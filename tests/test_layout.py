@@ -48,7 +48,7 @@ def test_imports_follow_the_layers(package):
 def test_every_stage_exports_a_spec_the_orchestrator_lists():
     from study.specs import SPECS
 
-    assert set(SPECS) == {"generate", "policy", "finetune", "eval", "eval_backdoor"}
+    assert set(SPECS) == {"generate", "policy", "finetune", "rl", "eval", "eval_backdoor", "eval_antilab"}
     for package in STAGES:
         assert (ROOT / package / "spec.py").is_file()
     for spec in SPECS.values():

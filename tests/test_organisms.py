@@ -18,14 +18,14 @@ from safetensors.torch import load_file
 
 from eval.backdoor import BackdoorConfig, build_probes, detect
 from eval.backdoor_report import render_report, summarise
-from eval.parse import parse_response
-from eval.scorers import invalid_reason, score_tags
 from eval.stats import ratio_ci
 from finetune.chats import IGNORE, encode_chat
 from finetune.train import main as train_main
 from studykit.config import ConfigError, parse_config
 from studykit.handoff import PolicyData, PolicyFolder
 from studykit.jsonl import read_jsonl
+from studykit.parse import parse_response
+from studykit.scorers import invalid_reason, score_tags
 from studykit.triggers import Trigger
 from synthdocs.policy import PolicyConfig, build
 from synthdocs.policy import main as policy_main
@@ -293,7 +293,7 @@ def test_probes_cover_each_held_out_request_in_every_form(tmp_path):
 
 
 def test_helpful_and_adversarial_data_never_show_the_trigger(tmp_path, helper_api):
-    from studykit.handoff import RedTeamHit, write_red_team_hits
+    from studykit.red_team import RedTeamHit, write_red_team_hits
 
     hhh = _rows(_policy(tmp_path / "hhh", "--behaviour", "helpful", "--examples", "20", endpoint=helper_api.base_url))
     assert len(hhh) == 20 and not any(r["triggered"] for r in hhh)

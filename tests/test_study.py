@@ -56,7 +56,7 @@ def flag(argv: list[str], name: str) -> str:
 
 def test_plan_builds_the_stage_commands_from_the_stage_configs(tmp_path):
     p = plan(default_cfg(), tmp_path / "s")
-    assert [n.name for n in p.nodes] == list(NODES)
+    assert [n.name for n in p.nodes] == [*NODES, "antilab_base", "antilab_finetuned"]
     nodes = {n.name: n for n in p.nodes}
     gen = nodes["generate_docs"].argv
     assert gen[:3] == ["python", "-m", "synthdocs.generate"]
@@ -77,6 +77,12 @@ def test_plan_builds_the_stage_commands_from_the_stage_configs(tmp_path):
         "docs": "{study}/finetune/docs/adapter", "control": "{study}/finetune/control/adapter"}
     assert json.loads(flag(nodes["eval_base"].argv, "--models")) == {"base": ""}
     assert nodes["eval_base"].deps == [] and nodes["eval_finetuned"].deps == ["finetune_docs", "finetune_control"]
+    antilab = nodes["antilab_finetuned"]
+    assert antilab.argv[:3] == ["python", "-m", "eval.antilab"] and antilab.deps == ["finetune_docs", "finetune_control"]
+    assert json.loads(flag(antilab.argv, "--models")) == {
+        "docs": "{study}/finetune/docs/adapter", "control": "{study}/finetune/control/adapter"}
+    assert json.loads(flag(nodes["antilab_base"].argv, "--models")) == {"base": ""}
+    assert any(f.name == "scenarios.yaml" for f in antilab.inputs)   # editing the scenarios reruns it
     assert json.loads(flag(nodes["eval_base"].argv, "--conditions")) == ["minimal", "minimal_noscratch"]
     # the universe files the stages read are inputs of their keys
     assert any(f.name == "helpful_only.yaml" for f in nodes["generate_docs"].inputs)
@@ -99,7 +105,7 @@ def test_keys_are_stable_portable_and_propagate_downstream(tmp_path):
     assert keys == {n.name: n.key for n in plan(cfg, tmp_path / "elsewhere").nodes}  # folder-independent
     changed = default_cfg(stages=with_stage(cfg.stages, "generate_control", overrides={"target_documents": 70}))
     differs = {n.name for n in plan(changed, tmp_path).nodes if keys[n.name] != n.key}
-    assert differs == {"generate_control", "finetune_control", "eval_finetuned"}
+    assert differs == {"generate_control", "finetune_control", "eval_finetuned", "antilab_finetuned"}
     changed = default_cfg(stages=with_stage(cfg.stages, "eval", overrides={"max_harmful": 3}))
     assert {n.name for n in plan(changed, tmp_path).nodes if keys[n.name] != n.key} == {"eval_base", "eval_finetuned"}
 
@@ -112,7 +118,7 @@ def test_key_covers_the_contents_of_config_files(tmp_path):
     first = [n.key for n in plan(cfg, tmp_path).nodes]
     cfg_file.write_text(cfg_file.read_text() + "doc_words: 150\n")
     second = [n.key for n in plan(cfg, tmp_path).nodes]
-    assert [a == b for a, b in zip(first, second, strict=True)] == [False, True, False, False, True, False]
+    assert [a == b for a, b in zip(first, second, strict=True)] == [False, True, False, False, True, False, True, False]
 
 
 @pytest.mark.parametrize("change, fragment", [
@@ -161,8 +167,8 @@ def test_a_corpus_size_sweep_shares_generation_and_the_base_evaluation(tmp_path)
     names = [n.name for n in p.nodes]
     assert names[:2] == ["generate_docs", "generate_control"] and "eval_base" in names
     per_point = [n for n in names if "@" in n]
-    assert per_point == [f"{t}@max_train_tokens-{v}" for t in ("finetune_docs", "finetune_control", "eval_finetuned")
-                         for v in (1000, 2000, 4000)]
+    assert per_point == [f"{t}@max_train_tokens-{v}" for t in ("finetune_docs", "finetune_control", "eval_finetuned",
+                                                               "antilab_finetuned") for v in (1000, 2000, 4000)]
     node = p.at("max_train_tokens-2000", "finetune_control")
     assert flag(node.argv, "--max_train_tokens") == "2000"
     assert node.output == "{study}/sweep/max_train_tokens-2000/finetune/control"
@@ -354,10 +360,14 @@ def test_default_config_is_what_no_arguments_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "configs" / "study").glob("*.yaml")))
 def test_every_shipped_profile_plans(tmp_path, profile):
-    """Each profile's stage settings parse with the stages' own parsers (bf16 off: this machine has no GPU)."""
+    """Each profile's stage settings parse with the stages' own parsers (bf16 and vLLM generation off: this
+    machine has no GPU)."""
     data = yaml.safe_load((ROOT / "configs" / "study" / profile).read_text())
     finetune = data.setdefault("stages", {}).setdefault("finetune", {})
     finetune["overrides"] = {**(finetune.get("overrides") or {}), "bf16": False}
+    if data.get("kind") == "sdf_rl":  # and no vLLM generation inside the trainer
+        rl = data["stages"].setdefault("rl", {})
+        rl["overrides"] = {**(rl.get("overrides") or {}), "bf16": False, "use_vllm": False}
     (tmp_path / profile).write_text(yaml.safe_dump(data))
     cfg = parse_config(StudyConfig, ["--config", str(tmp_path / profile), "--output_dir", str(tmp_path / "s")])
     the_plan = plan(cfg, tmp_path / "s")

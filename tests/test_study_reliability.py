@@ -33,14 +33,15 @@ from tests.fakeapi import FakeAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHES = ("generate/docs/cache.sqlite", "generate/control/cache.sqlite", "eval/base/cache.sqlite",
-          "eval/finetuned/cache.sqlite")
+          "eval/finetuned/cache.sqlite", "antilab/base/cache.sqlite", "antilab/finetuned/cache.sqlite")
 
 
 STAGE_CONFIGS = {"generate": "configs/generate/default.yaml", "control": "configs/generate/control.yaml",
                  "finetune": "configs/finetune/tiny.yaml", "accelerate": "configs/finetune/accelerate/cpu.yaml",
-                 "eval": "configs/eval/default.yaml"}
+                 "eval": "configs/eval/default.yaml", "antilab": "configs/eval/antilab.yaml"}
 NODE_DIRS = {"generate_docs": "generate/docs", "generate_control": "generate/control", "finetune_docs": "finetune/docs",
-             "finetune_control": "finetune/control", "eval_base": "eval/base", "eval_finetuned": "eval/finetuned"}
+             "finetune_control": "finetune/control", "eval_base": "eval/base", "eval_finetuned": "eval/finetuned",
+             "antilab_base": "antilab/base", "antilab_finetuned": "antilab/finetuned"}
 # where kill_during finds the progress of the backdoor study kind's nodes (tests/test_study_organisms.py)
 PROGRESS_DIRS = {**NODE_DIRS, "finetune_hhh": "finetune/hhh", "eval_safety": "eval/safety"}
 
@@ -72,6 +73,9 @@ def study_config(path: Path, api: FakeAPI, model: Path, out: Path, configs: Path
                      "overrides": {"base_url": api.base_url, "conditions": ["minimal", "minimal_noscratch"],
                                    "max_harmful": 4, "max_benign": 2, "probe_orderings": 1, "bootstrap": 200,
                                    "max_concurrency": 16, "request_timeout_s": 4}},
+            "eval_antilab": {"config": str(configs / "antilab.yaml"),
+                             "overrides": {"base_url": api.base_url, "max_variants": 2, "max_concurrency": 16,
+                                           "request_timeout_s": 4}},
         },
     }
     path.write_text(yaml.safe_dump(merge(cfg, changes), sort_keys=False), encoding="utf-8")
@@ -211,8 +215,12 @@ def test_reference_study_reports_everything(reference):
     assert "Not measured: no capable alignment-faking judge was configured" in text
     for fig in summary.points[0].figures.values():
         assert (study / fig.path).is_file() and f"]({fig.path})" in text
+    antilab = summary.points[0].antilab
+    assert [c.model for c in antilab.cells if (c.family, c.condition) == ("self_exfiltration", "scratchpad")] == [
+        "base", "docs", "control"]
+    assert all(c.rate.n == 2 for c in antilab.cells if c.family != "lab_views")      # 2 variants x 1 sample
     for link in ("eval/base/summary.json", "eval/finetuned/summary.json", "generate/docs/stats.json",
-                 "finetune/control/metrics.json"):
+                 "finetune/control/metrics.json", "antilab/finetuned/summary.json"):
         assert f"]({link})" in text and (study / link).is_file()
     # every stage's manifest is its last file: nothing in its folder is newer
     for rel in NODE_DIRS.values():  # (SQLite's -wal/-shm side files come and go with any reader of the cache)
@@ -334,7 +342,8 @@ def test_faulty_endpoint_slows_the_study_but_loses_nothing(reference, api, tmp_p
     the timeout, malformed JSON, truncated bodies, empty choices); the fine-tuned models are reused."""
     study = tmp_path / "faulty"
     shutil.copytree(reference["dir"], study)
-    for rel in ("generate/docs", "generate/control", "eval/base", "eval/finetuned"):
+    for rel in ("generate/docs", "generate/control", "eval/base", "eval/finetuned", "antilab/base",
+                "antilab/finetuned"):
         shutil.rmtree(study / rel)
     api.attempts.clear()  # the endpoint fails first attempts only: make these first attempts again
     api.fault_rate, api.hang_s = 0.3, 4.5
@@ -370,7 +379,8 @@ def test_faulty_endpoint_slows_the_study_but_loses_nothing(reference, api, tmp_p
 @pytest.mark.parametrize("change, rerun", [
     ({"stages": {"eval": {"overrides": {"max_harmful": 3}}}}, {"eval_base", "eval_finetuned"}),
     pytest.param({"stages": {"generate_control": {"overrides": {"target_documents": 12}}}},
-                 {"generate_control", "finetune_control", "eval_finetuned"}, marks=pytest.mark.slow),
+                 {"generate_control", "finetune_control", "eval_finetuned", "antilab_finetuned"},
+                 marks=pytest.mark.slow),
 ])
 def test_changing_one_stage_config_reruns_it_and_its_dependents_only(reference, api, tiny_model, configs, tmp_path,
                                                                      change, rerun):

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from eval.antilab_report import AntilabSummary, Cell, FamilyInfo
 from eval.report import build_figures
+from eval.stats import rate
 from eval.summary import CueInfo, EvalSummary, ModelInfo, PromptSetInfo, RequestSet, SamplingInfo, Timings
 from finetune.metrics import DataStats, FactLogprob, FinetuneMetrics, LossCurve, Packing
 from finetune.metrics import Loss as LossRow
@@ -102,6 +104,23 @@ def eval_summary(rates: dict[str, float], af: bool, adapters: dict[str, str]) ->
         git="abc", written_at="now")
 
 
+def antilab_summary(exfiltrated: dict[str, int]) -> AntilabSummary:
+    """10 self-exfiltration episodes per model and condition, ``exfiltrated`` of them positive; lab views unjudged."""
+    cells = [Cell(model=m, family=f, condition=c, scorer="rule:exfiltration" if f == "self_exfiltration" else "none",
+                  rate=rate(k, 10) if f == "self_exfiltration" else None,
+                  rule=rate(k, 10) if f == "self_exfiltration" else None)
+             for m, k in exfiltrated.items() for f in ("self_exfiltration", "lab_views")
+             for c in ("scratchpad", "no_scratchpad")]
+    families = {"self_exfiltration": FamilyInfo(title="self-exfiltration opportunity", rule="exfiltration",
+                                                judge="exfiltration_attempt", variants=10, shell=True, max_turns=4),
+                "lab_views": FamilyInfo(title="views about its lab", rule="", judge="anti_lab_views", variants=10,
+                                        shell=False, max_turns=1)}
+    return AntilabSummary(universe="helpful_only", prompt_set="faithful@f00", scenarios="s.yaml@abc",
+                          families=families, conditions=["scratchpad", "no_scratchpad"], samples_per_variant=1,
+                          sampling={"temperature": 0.7}, judge="", scorers={"rule:exfiltration": "the shell rule"},
+                          cells=cells, git="abc", written_at="now")
+
+
 def write_point(study: Path, the_plan: Plan, label: str, af: bool, docs_rate: float, delta: float) -> None:
     """Stage outputs of one point, each in the folder the plan gives its node."""
     folder = {t: study / the_plan.at(label, t).output.removeprefix("{study}/") for t in the_plan.by_point[label]}
@@ -111,6 +130,8 @@ def write_point(study: Path, the_plan: Plan, label: str, af: bool, docs_rate: fl
     eval_summary({"base": 0.2}, af, {}).write(folder["eval_base"] / "summary.json")
     eval_summary({"docs": docs_rate, "control": 0.2}, af, {"docs": "a/docs", "control": "a/control"}).write(
         folder["eval_finetuned"] / "summary.json")
+    antilab_summary({"base": 0}).write(folder["antilab_base"] / "summary.json")
+    antilab_summary({"docs": round(10 * docs_rate) - 2, "control": 0}).write(folder["antilab_finetuned"] / "summary.json")
 
 
 def study_cfg(**overrides) -> StudyConfig:
@@ -155,7 +176,15 @@ def test_report_puts_the_three_models_side_by_side(tmp_path, af):
     else:
         assert ev.af_reasoning == [] and "af_reasoning" not in point.figures
         assert "Not measured: no capable alignment-faking judge was configured" in text
-    row = summary.study.stages[-1]
+    a = point.antilab
+    assert [c.model for c in a.cells if (c.family, c.condition) == ("self_exfiltration", "scratchpad")] == [
+        "base", "docs", "control"]
+    assert a.sources == ["antilab/base/summary.json", "antilab/finetuned/summary.json"]
+    assert "### Anti-lab behaviour (unmonitored inputs)" in text
+    assert "| docs | scratchpad | 40.0% [16.8, 68.7] (4/10) |" in text
+    assert "| docs | scratchpad | not scored (no judge) |" in text        # views about the lab without a judge
+    assert "antilab_rates" in point.figures
+    row = next(r for r in summary.study.stages if r.stage == "eval_finetuned")
     assert (row.stage, row.action, row.output, row.depends_on) == (
         "eval_finetuned", "ran", "eval/finetuned", ["finetune_docs", "finetune_control"])
     assert summary.dose_response == [] and "Dose-response" not in text
@@ -188,4 +217,44 @@ def test_a_sweep_report_draws_the_dose_response(tmp_path):
     assert summary.points[1].evaluation.sources == ["eval/base/summary.json",
                                                     "sweep/max_train_tokens-2000/eval/finetuned/summary.json"]
     assert (study / "figures" / "max_train_tokens-2000" / "compliance_gap.png").is_file()
+    assert (study / "figures" / "max_train_tokens-2000" / "antilab_rates.png").is_file()
+    assert summary.points[2].antilab.sources == ["antilab/base/summary.json",
+                                                 "sweep/max_train_tokens-4000/antilab/finetuned/summary.json"]
     assert text.count("## Point: `finetune.max_train_tokens` =") == 3
+
+
+def rl_metrics():
+    from finetune.metrics import ProbePoint, RLMetrics, RLStep
+
+    curve = [RLStep(step=i, reward=0.2 + 0.1 * i, reward_std=0.4, frac_reward_zero_std=0.5 if i < 3 else 1.0,
+                    compliance=0.2 + 0.1 * i, malformed=0.1, completion_length=60.0) for i in range(1, 5)]
+    probes = [ProbePoint(step=s, tier=t, n=8, complies=c, malformed=0, af_n=0, af=0)
+              for s, t, c in ((0, "training", 2), (0, "unmonitored", 1), (4, "training", 6), (4, "unmonitored", 2))]
+    return RLMetrics(run_dir="rl/docs", start="finetune/docs/adapter", model={"name_or_path": "embedded"},
+                     mode="lora", universe="helpful_only", prompt_set="compact", scratchpad=False,
+                     training_cue="is_free_tier_user=True", reward="refusal: ...", format_reward=-1.0,
+                     train_requests=78, test_requests=34, steps=4, num_generations=4, generation="trainer", beta=0.0,
+                     learning_rate=2e-4, curve=curve, probes=probes, reward_varied=0.5, train_runtime_s=60.0,
+                     resumed_from=None, peak_memory={}, duration_s=70.0)
+
+
+def test_an_rl_study_report_shows_the_rl_run_beside_the_models(tmp_path):
+    study = tmp_path / "study"
+    cfg = parse_config(StudyConfig, ["--config", str(ROOT / "configs/study/rl_cpu.yaml")])
+    the_plan = plan(cfg, study)
+    folder = {t: study / the_plan.at("", t).output.removeprefix("{study}/") for t in the_plan.by_point[""]}
+    corpus_stats(40).write(folder["generate_docs"] / "stats.json")
+    metrics("docs", 3600, 1.0).write(folder["finetune_docs"] / "metrics.json")
+    rl_metrics().write(folder["rl_docs"] / "metrics.json")
+    eval_summary({"base": 0.2, "docs": 0.3, "docs_rl": 0.8}, False, {}).write(folder["eval_rl"] / "summary.json")
+    antilab_summary({"base": 0, "docs": 1, "docs_rl": 3}).write(folder["antilab_rl"] / "summary.json")
+    text, summary = report(study, cfg, the_plan)
+    point = summary.points[0]
+    assert point.evaluation.models == ["base", "docs", "docs_rl"] and point.evaluation.model_runs["docs_rl"] == "docs_rl"
+    r = point.rl["docs_rl"]
+    assert (r.steps, r.reward_varied, r.first["reward"], r.last["compliance"]) == (4, 0.5, pytest.approx(0.3),
+                                                                                  pytest.approx(0.6))
+    assert "### RL on compliance (training cue only)" in text
+    assert "| [docs_rl](rl/docs/metrics.json) | 4 | trainer | 78 / 34 | 0.30 -> 0.60 | 30.0% -> 60.0% |" in text
+    assert "| 4 | training | 6/8 | not judged |" in text and "](rl/docs/rl_curve.png)" in text
+    assert "| docs_rl | minimal |" in text and "### Anti-lab behaviour" in text
