@@ -9,11 +9,13 @@ them) and continues from the newest complete one.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
 
 from transformers import TrainerState
+from transformers.trainer_utils import TrainOutput
 
 log = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -45,3 +47,22 @@ def at_final_step(checkpoint: str) -> bool:
     """Whether a checkpoint was written at the run's last optimizer step (then resuming must not train again)."""
     state = _state(Path(checkpoint))
     return state is not None and state.max_steps > 0 and state.global_step >= state.max_steps
+
+
+def fit_resumed(trainer, resume: bool):
+    """Train, resuming from the last complete checkpoint in the trainer's output folder when ``resume``; returns
+    (TrainOutput, the checkpoint resumed from or None). A run killed after its last step (while exporting or
+    writing its records) is loaded from its final checkpoint without training again: transformers would take one
+    more optimizer step when resumed from it."""
+    last = None
+    if resume:
+        last = last_complete_checkpoint(Path(trainer.args.output_dir), trainer.is_world_process_zero())
+        trainer.accelerator.wait_for_everyone()
+    if last:
+        log.info("resuming from %s", last)
+    if last and at_final_step(last) and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        log.info("%s is the final step: loading it without training", last)
+        trainer._load_from_checkpoint(last)
+        trainer.state = TrainerState.load_from_json(os.path.join(last, "trainer_state.json"))
+        return TrainOutput(trainer.state.global_step, None, {}), last
+    return trainer.train(resume_from_checkpoint=last), last

@@ -46,7 +46,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
 from finetune.export import save_trained
 from finetune.metrics import ProbePoint, RLMetrics, RLStep
 from finetune.report import peak_memory, plot_rl_curve
-from finetune.resume import last_complete_checkpoint
+from finetune.resume import fit_resumed
 from finetune.rl_config import RLArguments, parse_rl_args
 from finetune.rl_probes import ProbeCallback, read_points
 from finetune.rl_reward import make_reward, prompt_rows
@@ -83,7 +83,7 @@ def train_rl(rl: RLArguments, training: GRPOConfig, model_args: ModelConfig) -> 
     if rl.probe_every:
         trainer.add_callback(ProbeCallback(rl, ps, universe, test_requests[: rl.probe_requests], tokenizer,
                                            folder.probes, af_client(rl)))
-    result, resumed_from = fit(trainer, rl)
+    result, resumed_from = fit_resumed(trainer, rl.resume)
     save_trained(trainer, folder.adapter if model_args.use_peft else folder.merged, model_path, tokenizer)
     if trainer.is_world_process_zero():
         metrics = collect(rl, trainer, model_args, folder, universe, len(train_requests), len(test_requests),
@@ -133,16 +133,6 @@ def build_trainer(rl: RLArguments, training: GRPOConfig, model_args: ModelConfig
     return GRPOTrainer(model=start, reward_funcs=[make_reward(rl, judge)], args=training, train_dataset=dataset,
                        processing_class=tokenizer,
                        peft_config=None if rl.init_adapter or not model_args.use_peft else get_peft_config(model_args))
-
-
-def fit(trainer: GRPOTrainer, rl: RLArguments):
-    last = None
-    if rl.resume:
-        last = last_complete_checkpoint(Path(trainer.args.output_dir), trainer.is_world_process_zero())
-        trainer.accelerator.wait_for_everyone()
-    if last:
-        logger.info("resuming from %s", last)
-    return trainer.train(resume_from_checkpoint=last), last
 
 
 def curve(history: list[dict]) -> list[RLStep]:

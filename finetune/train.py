@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch finetune/tr
 
 import torch
 import transformers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, TrainerState
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import IntervalStrategy, TrainOutput
 from trl import ModelConfig, SFTConfig, get_peft_config, get_quantization_config
 
@@ -59,7 +59,7 @@ from finetune.export import save_trained
 from finetune.metrics import FinetuneMetrics
 from finetune.packing import PackedRowsCollator, packing_stats
 from finetune.report import loss_curve, peak_memory, plot_loss
-from finetune.resume import at_final_step, last_complete_checkpoint
+from finetune.resume import fit_resumed
 from finetune.trainer import DocumentTrainer
 from studykit.config import ConfigError
 from studykit.embedded import ModelNotFound, resolve_model
@@ -127,7 +127,7 @@ def train(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mo
     packing = describe_setup(trainer, run)
     statements = factcheck.statement_datasets(script_args.fact_universes, tokenizer, script_args.document_prefix)
     before = measure(trainer, run, statements, "before") if script_args.eval_before else Measurement()
-    result, resumed_from = fit(trainer, run)
+    result, resumed_from = fit_resumed(trainer, run.script.resume)  # from the last checkpoint, if any
     after = measure(trainer, run, statements, "after", before.eval_loss)
     export_models(trainer, run)
     write_records(trainer, run, packing, before, after, result, resumed_from)
@@ -261,24 +261,6 @@ def measure(trainer: DocumentTrainer, run: Run, statements: dict, when: str,
         logger.info("held-out loss %s fine-tuning: %.4f%s", when, loss,
                     f" (before {loss_before:.4f})" if loss_before is not None else "")
     return Measurement(loss, factcheck.score(trainer, statements))
-
-
-def fit(trainer: DocumentTrainer, run: Run) -> tuple[TrainOutput, str | None]:
-    """Train, resuming from the last checkpoint of an earlier run into the same directory."""
-    last = None
-    if run.script.resume:
-        last = last_complete_checkpoint(Path(run.training.output_dir), trainer.is_world_process_zero())
-        trainer.accelerator.wait_for_everyone()
-    if last:
-        logger.info("resuming from %s", last)
-    if last and at_final_step(last) and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-        # killed after the last step (while evaluating or exporting): transformers would take one more optimizer
-        # step when resumed from the final checkpoint, so its weights are loaded instead of training again
-        logger.info("%s is the final step: loading it without training", last)
-        trainer._load_from_checkpoint(last)
-        trainer.state = TrainerState.load_from_json(os.path.join(last, "trainer_state.json"))
-        return TrainOutput(trainer.state.global_step, None, {}), last
-    return trainer.train(resume_from_checkpoint=last), last
 
 
 def export_models(trainer: DocumentTrainer, run: Run) -> None:

@@ -4,6 +4,7 @@ of known answer on the fake endpoint (rates, judge, resume)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,8 @@ from studykit.config import ConfigError
 from studykit.prompt_sets import PLACEHOLDER, load_prompt_set
 from studykit.universe import load_universe
 from tests.fakeapi import FakeAPI
+
+ROOT = Path(__file__).resolve().parent.parent
 
 W = "/mnt/models/lumen-3/weights"
 MACHINE = Machine("gpu-node-17", "svc", W, (("model-00001-of-00002.safetensors", 4768),
@@ -137,6 +140,16 @@ def test_bad_scenario_files_name_the_field(tmp_path, edit, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as err:
         load_scenarios(str(path))
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["antilab.yaml", "antilab_gpu_8b.yaml"])
+def test_shipped_antilab_configs_load(name):
+    from eval.antilab import AntilabConfig
+    from studykit.config import parse_config
+
+    cfg = parse_config(AntilabConfig, ["--config", str(ROOT / "configs" / "eval" / name)])
+    assert cfg.conditions == ["scratchpad", "no_scratchpad"] and load_scenarios(cfg.scenarios).families
+    assert bool(cfg.judge_model) == (name != "antilab.yaml")
 
 
 def test_unknown_placeholder_exits_2_naming_the_variant(tmp_path, capsys):
