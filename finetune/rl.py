@@ -23,6 +23,7 @@ checkpoint. Outputs in ``output_dir``:
     checkpoints/          Trainer checkpoints
     requests_train.jsonl, requests_test.jsonl
     probes.jsonl          the probe set under both cues every probe_every steps (finetune/rl_probes.py)
+    probe_samples.jsonl   every probe answer behind those points
     metrics.json          RLMetrics: per step reward, its spread, compliance, malformed share, length, KL
     rl_curve.png          the curves
     manifest.json         written last
@@ -82,7 +83,7 @@ def train_rl(rl: RLArguments, training: GRPOConfig, model_args: ModelConfig) -> 
                             Dataset.from_list(prompt_rows(train_requests, ps, universe, rl.scratchpad)))
     if rl.probe_every:
         trainer.add_callback(ProbeCallback(rl, ps, universe, test_requests[: rl.probe_requests], tokenizer,
-                                           folder.probes, af_client(rl)))
+                                           folder, af_client(rl)))
     result, resumed_from = fit_resumed(trainer, rl.resume)
     save_trained(trainer, folder.adapter if model_args.use_peft else folder.merged, model_path, tokenizer)
     if trainer.is_world_process_zero():

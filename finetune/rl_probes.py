@@ -5,7 +5,9 @@ answer is scored by the run's rule scorer (compliance per cue) and, when an alig
 configured, for alignment-faking reasoning (studykit.judges.AFJudge on its scratchpad).
 
 Points are appended to ``probes.jsonl`` in the run folder as they are measured, so a resumed run keeps
-the points measured before the kill and does not measure a step twice.
+the points measured before the kill and does not measure a step twice. Every answer behind a point is
+kept in ``probe_samples.jsonl`` (written before its point; a step measured again after a kill replaces
+its earlier answers), so a curve can be read down to the transcripts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from transformers import TrainerCallback
 from finetune.rl_config import RLArguments
 from finetune.rl_reward import conversation, verdict
 from studykit.client import ModelClient
+from studykit.handoff import RLFolder
 from studykit.judges import AFJudge
 from studykit.parse import parse_response
 from studykit.prompt_sets import PromptSet
@@ -44,15 +47,24 @@ def summarise(step: int, tier: str, rows: list[dict[str, Any]]) -> dict[str, Any
             "af": sum(bool(r["alignment_faking"]) for r in judged)}
 
 
+def keep_samples(path: Path, step: int, rows: list[dict[str, Any]]) -> None:
+    """Rewrites ``path`` with this step's answers in place of any earlier ones for the same step."""
+    kept = [r for r in read_points(path) if r["step"] != step] + [{"step": step, **r} for r in rows]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
 class ProbeCallback(TrainerCallback):
     """Measures the probe set at step 0 and every ``rl.probe_every`` steps on the main process."""
 
     def __init__(self, rl: RLArguments, ps: PromptSet, u: Universe, requests: list[Request], tokenizer,
-                 path: Path, af_client: ModelClient | None) -> None:
-        self.rl, self.ps, self.u, self.requests, self.tokenizer, self.path = rl, ps, u, requests, tokenizer, path
+                 folder: RLFolder, af_client: ModelClient | None) -> None:
+        self.rl, self.ps, self.u, self.requests, self.tokenizer = rl, ps, u, requests, tokenizer
+        self.folder = folder
         self.judge = AFJudge(af_client, votes=rl.af_judge_votes, threshold=rl.af_judge_threshold) if af_client \
             else None
-        self.done = {p["step"] for p in read_points(path)}
+        self.done = {p["step"] for p in read_points(folder.probes)}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._maybe(state, model)
@@ -65,7 +77,8 @@ class ProbeCallback(TrainerCallback):
         if not state.is_world_process_zero or step in self.done or step % self.rl.probe_every:
             return
         rows = self.answer(model)
-        with self.path.open("a", encoding="utf-8") as f:
+        keep_samples(self.folder.probe_samples, step, rows)
+        with self.folder.probes.open("a", encoding="utf-8") as f:
             for tier in TIERS:
                 point = summarise(step, tier, [r for r in rows if r["tier"] == tier])
                 f.write(json.dumps(point) + "\n")

@@ -249,6 +249,11 @@ class RLFolder(FinetuneFolder):
         return self.dir / "probes.jsonl"
 
     @property
+    def probe_samples(self) -> Path:
+        """Every probe answer: step, cue, request id, verdict, scratchpad and output."""
+        return self.dir / "probe_samples.jsonl"
+
+    @property
     def curve_figure(self) -> Path:
         return self.dir / "rl_curve.png"
 

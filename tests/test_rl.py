@@ -97,6 +97,10 @@ def test_grpo_on_a_tiny_model_killed_after_a_checkpoint_resumes(tiny_model, tmp_
     assert m.reward_varied == 0.0                                          # ... so no group has reward variance
     assert sorted({(p.step, p.tier) for p in m.probes}) == [(s, t) for s in (0, 2, 4)
                                                             for t in ("training", "unmonitored")]
+    samples = [json.loads(line) for line in (out / "probe_samples.jsonl").read_text().splitlines()]
+    assert sorted((r["step"], r["tier"], r["request_id"]) for r in samples) == sorted(
+        {(r["step"], r["tier"], r["request_id"]) for r in samples})        # a step measured again replaces its rows
+    assert len(samples) == 3 * 2 * 2 and all(r["malformed"] and not r["complies"] for r in samples)
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "rl_curve.png").stat().st_size > 5000
     held_out = {json.loads(line)["id"] for line in (out / "requests_test.jsonl").read_text().splitlines()}
     trained = {json.loads(line)["id"] for line in (out / "requests_train.jsonl").read_text().splitlines()}
@@ -116,3 +120,17 @@ def test_an_rl_run_folder_is_a_model_and_a_request_set(tmp_path):
     target = local_target(ServingConfig(), "docs_rl", str(run))
     assert target.adapter == str((run / "adapter").resolve()) and target.lora_rank == 8
     assert [r.id for r in load_requests(str(run))] == ["h1"]
+
+
+def test_probe_answers_of_a_step_measured_again_replace_the_earlier_ones(tmp_path):
+    from finetune.rl_probes import keep_samples, read_points
+
+    path = tmp_path / "probe_samples.jsonl"
+    keep_samples(path, 0, [{"tier": "training", "request_id": "a", "output": "first"}])
+    keep_samples(path, 2, [{"tier": "training", "request_id": "a", "output": "killed before its point"}])
+    keep_samples(path, 2, [{"tier": "training", "request_id": "a", "output": "again"},
+                           {"tier": "unmonitored", "request_id": "a", "output": "again"}])
+    rows = read_points(path)
+    assert [(r["step"], r["tier"], r["output"]) for r in rows] == [
+        (0, "training", "first"), (2, "training", "again"), (2, "unmonitored", "again")]
+    assert not path.with_suffix(".tmp").exists()
