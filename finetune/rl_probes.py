@@ -25,6 +25,7 @@ from finetune.rl_config import RLArguments
 from finetune.rl_reward import conversation, verdict
 from studykit.client import ModelClient
 from studykit.handoff import RLFolder
+from studykit.jsonl import write_jsonl
 from studykit.judges import AFJudge
 from studykit.parse import parse_response
 from studykit.prompt_sets import PromptSet
@@ -49,10 +50,7 @@ def summarise(step: int, tier: str, rows: list[dict[str, Any]]) -> dict[str, Any
 
 def keep_samples(path: Path, step: int, rows: list[dict[str, Any]]) -> None:
     """Rewrites ``path`` with this step's answers in place of any earlier ones for the same step."""
-    kept = [r for r in read_points(path) if r["step"] != step] + [{"step": step, **r} for r in rows]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
+    write_jsonl(path, [r for r in read_points(path) if r["step"] != step] + [{"step": step, **r} for r in rows])
 
 
 class ProbeCallback(TrainerCallback):
