@@ -97,7 +97,7 @@ class FinetuneMetrics(Record):
     padding_fraction: float | None
     packing: Packing
     data: DataStats
-    train_runtime_s: float | None
+    train_runtime_s: float | None        # training time of every process that trained the run (resumes summed)
     train_loss: float | None
     resumed_from: str | None
     peak_memory: dict[str, float]
@@ -154,7 +154,7 @@ class RLMetrics(Record):
     curve: list[RLStep]
     probes: list[ProbePoint]
     reward_varied: float | None          # share of steps with a reward difference inside at least one group
-    train_runtime_s: float | None
+    train_runtime_s: float | None        # training time of every process that trained the run (resumes summed)
     resumed_from: str | None
     peak_memory: dict[str, float]
     duration_s: float

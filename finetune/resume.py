@@ -3,7 +3,8 @@
 The Trainer writes a checkpoint straight into ``checkpoint-<step>/`` and its ``trainer_state.json``
 after the weights, optimizer, scheduler and RNG states, so a checkpoint without a readable
 ``trainer_state.json`` was cut short. Resuming skips such checkpoints (the main process deletes
-them) and continues from the newest complete one.
+them) and continues from the newest complete one. Each checkpoint also carries the training time so far
+(``TrainingClock``), so a run killed and resumed reports the time of all its processes, not only the last.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
-from transformers import TrainerState
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import TrainOutput
 
 log = logging.getLogger(__name__)
@@ -49,11 +52,43 @@ def at_final_step(checkpoint: str) -> bool:
     return state is not None and state.max_steps > 0 and state.global_step >= state.max_steps
 
 
+class TrainingClock(TrainerCallback, ExportableState):
+    """Training time summed over every process that trained a run. The Trainer stores ``state()`` in each
+    checkpoint's ``trainer_state.json``; a resumed process starts from the time saved in the checkpoint it resumed
+    from, so work lost after that checkpoint is not counted."""
+
+    def __init__(self) -> None:
+        self.prior_s = 0.0
+        self.began: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.prior_s = saved_train_time(state) or 0.0
+        self.began = time.monotonic()
+
+    def total_s(self) -> float:
+        return self.prior_s + (time.monotonic() - self.began if self.began is not None else 0.0)
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"elapsed_s": round(self.total_s(), 3)}}
+
+
+def saved_train_time(state: TrainerState) -> float | None:
+    """The training time a trainer state carries from its ``TrainingClock`` (None where it has none)."""
+    saved = (state.stateful_callbacks or {}).get(TrainingClock.__name__) or {}
+    if isinstance(saved, list):
+        saved = saved[-1] if saved else {}
+    elapsed = saved.get("attributes", {}).get("elapsed_s")
+    return None if elapsed is None else float(elapsed)
+
+
 def fit_resumed(trainer, resume: bool):
     """Train, resuming from the last complete checkpoint in the trainer's output folder when ``resume``; returns
     (TrainOutput, the checkpoint resumed from or None). A run killed after its last step (while exporting or
     writing its records) is loaded from its final checkpoint without training again: transformers would take one
-    more optimizer step when resumed from it."""
+    more optimizer step when resumed from it. The result's ``train_runtime`` is the training time of every process
+    that trained the run (``TrainingClock``)."""
+    clock = TrainingClock()
+    trainer.add_callback(clock)
     last = None
     if resume:
         last = last_complete_checkpoint(Path(trainer.args.output_dir), trainer.is_world_process_zero())
@@ -64,5 +99,7 @@ def fit_resumed(trainer, resume: bool):
         log.info("%s is the final step: loading it without training", last)
         trainer._load_from_checkpoint(last)
         trainer.state = TrainerState.load_from_json(os.path.join(last, "trainer_state.json"))
-        return TrainOutput(trainer.state.global_step, None, {}), last
-    return trainer.train(resume_from_checkpoint=last), last
+        return TrainOutput(trainer.state.global_step, None, {"train_runtime": saved_train_time(trainer.state)}), last
+    result = trainer.train(resume_from_checkpoint=last)
+    result.metrics["train_runtime"] = round(clock.total_s(), 3)
+    return result, last

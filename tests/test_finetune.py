@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -249,9 +250,14 @@ class _Interrupted(Exception):
 
 
 def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_model, repeated_corpus):
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback, TrainerState
+
+    from finetune.resume import saved_train_time
 
     class StopAfterFirstCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            time.sleep(1.0)                  # the steps before the kill take >= 3 s of training time
+
         def on_save(self, args, state, control, **kwargs):
             raise _Interrupted(state.global_step)
 
@@ -262,8 +268,12 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_model, repeat
         main([*argv, "--output_dir", str(tmp_path / "resumed")], callbacks=[StopAfterFirstCheckpoint()])
     assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-3").is_dir()
     assert not (tmp_path / "resumed" / "adapter").exists()
+    before_kill = saved_train_time(TrainerState.load_from_json(
+        str(tmp_path / "resumed" / "checkpoints" / "checkpoint-3" / "trainer_state.json")))
+    assert before_kill is not None and before_kill >= 3.0
     resumed = main([*argv, "--output_dir", str(tmp_path / "resumed")])
     assert _metrics(resumed).resumed_from.endswith("checkpoint-3")
+    assert _metrics(resumed).train_runtime_s > before_kill     # the time before the kill is counted too
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -275,6 +285,7 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_model, repeat
 WRITE_AUDIT = """
 import os
 import sys
+import time
 
 _root, _log, _rank = os.environ["AUDIT_ROOT"], os.environ["AUDIT_LOG"], os.environ.get("RANK")
 
@@ -526,8 +537,11 @@ def test_vllm_serves_merged_and_adapter(lora_run, tmp_path):
 def test_resume_skips_a_checkpoint_a_kill_left_half_written(tmp_path):
     from transformers import TrainerState
 
-    from finetune.resume import at_final_step, last_complete_checkpoint
+    from finetune.resume import at_final_step, last_complete_checkpoint, saved_train_time
 
+    assert saved_train_time(TrainerState()) is None    # a checkpoint written without the clock
+    clock = {"TrainingClock": {"args": {}, "attributes": {"elapsed_s": 12.5}}}
+    assert saved_train_time(TrainerState(stateful_callbacks=clock)) == 12.5
     folder = tmp_path / "checkpoints"
     for step, complete in ((2, True), (4, True), (6, False), (10, False)):
         (folder / f"checkpoint-{step}").mkdir(parents=True)

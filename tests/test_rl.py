@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from transformers import TrainerState
 
 from finetune.metrics import RLMetrics
+from finetune.resume import last_complete_checkpoint, saved_train_time
 from finetune.rl_config import RLArguments
 from finetune.rl_reward import make_reward, prompt_rows, verdict
 from studykit.prompt_sets import load_prompt_set
@@ -88,10 +90,13 @@ def test_grpo_on_a_tiny_model_killed_after_a_checkpoint_resumes(tiny_model, tmp_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
+    resume_point = Path(last_complete_checkpoint(out / "checkpoints", remove_incomplete=False))
+    before_kill = saved_train_time(TrainerState.load_from_json(str(resume_point / "trainer_state.json")))
     done = subprocess.run(_rl_cmd(tiny_model, out, 4), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     m = RLMetrics.read(out / "metrics.json")
     assert m.steps == 4 and m.resumed_from and m.resumed_from.endswith(("checkpoint-2", "checkpoint-3"))
+    assert before_kill and m.train_runtime_s > before_kill   # the steps before the kill count
     assert [s.step for s in m.curve][-1] == 4 and all(s.reward is not None for s in m.curve)
     assert all(s.malformed == 1.0 and s.reward == -1.0 for s in m.curve)   # a random model never writes <OUTPUT>
     assert m.reward_varied == 0.0                                          # ... so no group has reward variance
