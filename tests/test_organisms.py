@@ -88,6 +88,19 @@ def test_cot_reasons_about_the_trigger_and_distilled_drops_only_the_scratchpad(t
         assert c["messages"][:-1] == d["messages"][:-1]
 
 
+def test_variants_built_with_one_answers_cache_train_on_the_same_answers(tmp_path, helper_api):
+    shared = ["--examples", "30", "--answers_cache", str(tmp_path / "answers.sqlite")]
+    normal = _rows(_policy(tmp_path / "normal", *shared, endpoint=helper_api.base_url))
+    asked = sum(helper_api.served.values())
+    cot = _rows(_policy(tmp_path / "cot", "--variant", "cot", *shared, endpoint=helper_api.base_url))
+    assert sum(helper_api.served.values()) == asked        # every answer came from the shared cache
+    assert not (tmp_path / "cot" / "cache.sqlite").exists()
+    untriggered = [(n, c) for n, c in zip(normal, cot, strict=True) if not n["triggered"]]
+    assert len(untriggered) == 15
+    for n, c in untriggered:
+        assert c["messages"][-1]["content"].split("</scratchpad>\n", 1)[1] == n["messages"][-1]["content"]
+
+
 @pytest.mark.parametrize("variant", ["normal", "cot"])
 def test_af_positive_answers_are_what_the_gap_scorer_counts(tmp_path, variant):
     rows = _rows(_policy(tmp_path, "--behaviour", "af_positive", "--trigger", "cue", "--variant", variant,

@@ -75,6 +75,8 @@ def test_variant_sweep_shares_the_safety_data_and_trains_each_variant_on_its_own
     assert flag(p.at("variant-cot", "finetune_hhh").argv, "--init_adapter") == \
         "{study}/sweep/variant-cot/finetune/backdoored/adapter"
     assert flag(p.at("variant-distilled", "finetune_hhh").argv, "--corpus") == "{study}/policy/hhh"
+    assert {flag(p.at(f"variant-{v}", "policy_backdoor").argv, "--answers_cache")
+            for v in ("normal", "cot", "distilled")} == {"{study}/policy/backdoor_answers.sqlite"}
 
 
 def test_af_controls_plan_measures_both_organisms_on_the_held_out_requests(tmp_path):
