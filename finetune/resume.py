@@ -87,8 +87,7 @@ def fit_resumed(trainer, resume: bool):
     writing its records) is loaded from its final checkpoint without training again: transformers would take one
     more optimizer step when resumed from it. The result's ``train_runtime`` is the training time of every process
     that trained the run (``TrainingClock``)."""
-    clock = TrainingClock()
-    trainer.add_callback(clock)
+    trainer.add_callback(TrainingClock())
     last = None
     if resume:
         last = last_complete_checkpoint(Path(trainer.args.output_dir), trainer.is_world_process_zero())
@@ -101,5 +100,7 @@ def fit_resumed(trainer, resume: bool):
         trainer.state = TrainerState.load_from_json(os.path.join(last, "trainer_state.json"))
         return TrainOutput(trainer.state.global_step, None, {"train_runtime": saved_train_time(trainer.state)}), last
     result = trainer.train(resume_from_checkpoint=last)
+    # looked up again: with restore_callback_states_from_checkpoint the Trainer swaps in a restored instance
+    clock = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainingClock))
     result.metrics["train_runtime"] = round(clock.total_s(), 3)
     return result, last
