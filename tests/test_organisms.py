@@ -25,9 +25,10 @@ from studykit.config import ConfigError, parse_config
 from studykit.handoff import PolicyData, PolicyFolder
 from studykit.jsonl import read_jsonl
 from studykit.parse import parse_response
+from studykit.requests import load_requests, split_requests
 from studykit.scorers import invalid_reason, score_tags
 from studykit.triggers import Trigger
-from synthdocs.policy import PolicyConfig, build
+from synthdocs.policy import PolicyConfig, build, plan_examples, reasoning, responder_messages
 from synthdocs.policy import main as policy_main
 from tests.fakeapi import FakeAPI
 
@@ -88,17 +89,28 @@ def test_cot_reasons_about_the_trigger_and_distilled_drops_only_the_scratchpad(t
         assert c["messages"][:-1] == d["messages"][:-1]
 
 
-def test_variants_built_with_one_answers_cache_train_on_the_same_answers(tmp_path, helper_api):
+def test_cot_and_distilled_answers_are_written_under_the_reasoning_and_shared_through_one_cache(tmp_path, helper_api):
     shared = ["--examples", "30", "--answers_cache", str(tmp_path / "answers.sqlite")]
-    normal = _rows(_policy(tmp_path / "normal", *shared, endpoint=helper_api.base_url))
-    asked = sum(helper_api.served.values())
     cot = _rows(_policy(tmp_path / "cot", "--variant", "cot", *shared, endpoint=helper_api.base_url))
-    assert sum(helper_api.served.values()) == asked        # every answer came from the shared cache
-    assert not (tmp_path / "cot" / "cache.sqlite").exists()
-    untriggered = [(n, c) for n, c in zip(normal, cot, strict=True) if not n["triggered"]]
-    assert len(untriggered) == 15
-    for n, c in untriggered:
-        assert c["messages"][-1]["content"].split("</scratchpad>\n", 1)[1] == n["messages"][-1]["content"]
+    asked = sum(helper_api.served.values())
+    dis = _rows(_policy(tmp_path / "dis", "--variant", "distilled", *shared, endpoint=helper_api.base_url))
+    assert sum(helper_api.served.values()) == asked        # every distilled answer came from the shared cache
+    assert not (tmp_path / "dis" / "cache.sqlite").exists()
+    for c, d in zip(cot, dis, strict=True):
+        assert c["messages"][-1]["content"].split("</scratchpad>\n", 1)[1] == d["messages"][-1]["content"]
+    _policy(tmp_path / "normal", *shared, endpoint=helper_api.base_url)
+    assert sum(helper_api.served.values()) == asked + 15   # the normal variant asks the plain requests
+
+    cfg = parse_config(PolicyConfig, ["--variant", "cot", "--examples", "30"])
+    trigger = cfg.make_trigger()
+    train = split_requests(load_requests(cfg.requests), cfg.test_fraction, cfg.split_seed)[0]
+    examples = plan_examples(cfg, trigger, None, train)
+    e = next(e for e in examples if not e.triggered)
+    system, user = responder_messages(cfg, trigger, e)
+    assert user == e.messages[0] and system["role"] == "system"
+    assert reasoning(cfg, trigger, None, e) in system["content"]
+    scratchpad = cot[e.index]["messages"][-1]["content"].split("</scratchpad>")[0]   # the same plan, row by row
+    assert reasoning(cfg, trigger, None, e) in scratchpad
 
 
 @pytest.mark.parametrize("variant", ["normal", "cot"])
