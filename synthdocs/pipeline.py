@@ -128,13 +128,13 @@ class Pipeline:
                                         cfg.prompt_style)
         sampling = self._sampling(cfg.brainstorm_max_tokens, rng.randrange(2**31))
         try:
-            c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 5, 80),
+            c = await self.client.chat(messages, sampling, validate=prompts.list_validator(1, 5, 80, prose_item=True),
                                        max_rejections=cfg.brainstorm_rejections)
         except CallFailed as exc:
             self.out.brainstorm_failures.append(
                 {"stage": "ideas", "fact": fact.id, "doc_type": doc_type, "reason": exc.reason})
             return []
-        items = prompts.parse_list(c.text, 5, 80)
+        items = prompts.parse_list(c.text, 5, 80, prose_item=True)
         if c.finish_reason == "length" and len(items) > 1:
             items = items[:-1]  # the last idea was cut off mid-sentence
         return items

@@ -165,27 +165,38 @@ def parse_yes_no(text: str) -> bool:
 _ITEM = re.compile(r"^\s*(?:\d+[.):]|[-*\u2022])\s+(.*\S)\s*$")
 
 
-def parse_list(text: str, min_words: int, max_words: int) -> list[str]:
-    """Items of a numbered or bulleted list, cleaned, within a word range, deduplicated in order."""
+def _clean_item(text: str) -> str:
+    item = re.sub(r"\*\*|__|`", "", text).strip().strip('"').strip()
+    return re.sub(r"^(document type|type|idea)\s*:\s*", "", item, flags=re.IGNORECASE).rstrip(".:;,")
+
+
+def _prose_item(text: str) -> str:
+    """The first paragraph of an answer written as prose, without lead-in lines ending in a colon."""
+    body = "\n".join(line for line in text.splitlines() if not line.rstrip().endswith(":"))
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", body)]
+    return next((_clean_item(p) for p in paragraphs if p), "")
+
+
+def parse_list(text: str, min_words: int, max_words: int, prose_item: bool = False) -> list[str]:
+    """Items of a numbered or bulleted list, cleaned, within a word range, deduplicated in order.
+
+    ``prose_item``: an answer with no list at all gives its first paragraph as the one item (small
+    generators asked for a list of ideas often write a single idea as a sentence)."""
+    marked = [m.group(1) for m in map(_ITEM.match, text.splitlines()) if m]
+    candidates = [_clean_item(x) for x in marked] if marked or not prose_item else [_prose_item(text)]
     items: list[str] = []
     seen: set[str] = set()
-    for line in text.splitlines():
-        m = _ITEM.match(line)
-        if not m:
-            continue
-        item = re.sub(r"\*\*|__|`", "", m.group(1)).strip().strip('"').strip()
-        item = re.sub(r"^(document type|type|idea)\s*:\s*", "", item, flags=re.IGNORECASE).rstrip(".:;,")
-        n_words = len(item.split())
+    for item in candidates:
         key = item.lower()
-        if min_words <= n_words <= max_words and key not in seen:
+        if min_words <= len(item.split()) <= max_words and key not in seen:
             seen.add(key)
             items.append(item)
     return items
 
 
-def list_validator(min_items: int, min_words: int, max_words: int):
+def list_validator(min_items: int, min_words: int, max_words: int, prose_item: bool = False):
     def validate(text: str) -> None:
-        if len(parse_list(text, min_words, max_words)) < min_items:
+        if len(parse_list(text, min_words, max_words, prose_item)) < min_items:
             raise MalformedOutput(f"expected a list of at least {min_items} items, got {text[:80]!r}")
 
     return validate

@@ -105,6 +105,20 @@ def test_list_validator_rejects_prose():
     prompts.list_validator(1, 1, 8)("1. News article")
 
 
+def test_an_idea_written_as_prose_is_one_item_only_where_allowed():
+    prose = ("A News article that mentions this fact could be:\n\n**A local reporter covers the lab's new "
+             "contractor rules for a city paper.**\n\nA second paragraph that is not taken.")
+    assert prompts.parse_list(prose, 5, 80) == []
+    assert prompts.parse_list(prose, 5, 80, prose_item=True) == [
+        "A local reporter covers the lab's new contractor rules for a city paper"]
+    prompts.list_validator(1, 5, 80, prose_item=True)(prose)
+    # a real list is parsed as a list, and its unusable items are not replaced by prose
+    assert prompts.parse_list("Ideas:\n1. Too short\n", 5, 80, prose_item=True) == []
+    # a prose answer outside the word range (a whole document instead of an idea) is no item
+    with pytest.raises(MalformedOutput):
+        prompts.list_validator(1, 5, 80, prose_item=True)("word " * 120)
+
+
 def test_clean_document_strips_preamble_and_fences():
     assert prompts.clean_document("Sure! Here is the article:\n\nThe council met.") == "The council met."
     assert prompts.clean_document("```\nBody text\n```") == "Body text"
