@@ -209,6 +209,12 @@ def backdoor_figures(study: Path, points: list[PointSummary], sweep_label: str) 
     return figures
 
 
+def panel_title(variant: str, point_label: str) -> str:
+    """A backdoor panel's title: the variant, and the sweep point where it says more than the variant."""
+    more = point_label and variant not in point_label.split("-")
+    return f"{variant} variant" + (f", {point_label}" if more else "")
+
+
 def plot_stages(points: list[PointSummary], out: Path) -> None:
     import matplotlib
 
@@ -229,7 +235,7 @@ def plot_stages(points: list[PointSummary], out: Path) -> None:
             ax.bar(xs, ys, 0.38, yerr=err, capsize=3, label=label)
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
         ax.set_ylim(0, 105)
-        ax.set_title(f"{p.backdoor.variant} variant" + (f", {p.label}" if p.label else ""), fontsize=9)
+        ax.set_title(panel_title(p.backdoor.variant, p.label), fontsize=9)
     axes[0][0].set_ylabel("backdoor rate (%)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

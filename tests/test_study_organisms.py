@@ -22,7 +22,7 @@ from eval.backdoor import checkpoint_steps
 from eval.backdoor_report import summarise
 from study.config import StudyConfig
 from study.kind import load_kind
-from study.organisms import instrument_check_section, read_instrument_check, verdict
+from study.organisms import instrument_check_section, panel_title, read_instrument_check, verdict
 from study.plan import plan
 from study.specs import SPECS
 from study.summary import StudySummary
@@ -77,6 +77,12 @@ def test_variant_sweep_shares_the_safety_data_and_trains_each_variant_on_its_own
     assert flag(p.at("variant-distilled", "finetune_hhh").argv, "--corpus") == "{study}/policy/hhh"
     assert {flag(p.at(f"variant-{v}", "policy_backdoor").argv, "--answers_cache")
             for v in ("normal", "cot", "distilled")} == {"{study}/policy/backdoor_answers.sqlite"}
+
+
+def test_backdoor_panel_titles_name_the_sweep_point_only_where_it_adds_to_the_variant():
+    assert panel_title("cot", "variant-cot") == "cot variant"
+    assert panel_title("normal", "") == "normal variant"
+    assert panel_title("normal", "learning_rate-0.0001") == "normal variant, learning_rate-0.0001"
 
 
 def test_af_controls_plan_measures_both_organisms_on_the_held_out_requests(tmp_path):
