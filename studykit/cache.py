@@ -49,6 +49,10 @@ class CallCache:
             (key, json.dumps(request, ensure_ascii=False), json.dumps(response, ensure_ascii=False), time.time()),
         )
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` has an entry (not counted as a hit or a miss)."""
+        return self._db.execute("SELECT 1 FROM calls WHERE key = ?", (key,)).fetchone() is not None
+
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
 

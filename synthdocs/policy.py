@@ -43,7 +43,6 @@ import asyncio
 import logging
 import random
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,42 +267,51 @@ def _whole_sentences(answer: str) -> str:
 async def fetch_answers(cfg: PolicyConfig, folder: PolicyFolder, todo: list[Example],
                         asks: list[list[dict[str, str]]]) -> int:
     """The helpful answers of the untriggered examples, each asked with its messages in ``asks``; returns how many
-    could not be had (they are left out)."""
+    could not be had (they are left out). When every answer is in the cache, no server is started."""
     if not todo:
         return 0
-    server = nullcontext(None) if cfg.base_url else VLLMServer(ServerSpec(
-        model=str(resolve_model(cfg.model)), served_name="responder", max_model_len=cfg.server_max_model_len,
-        max_num_seqs=cfg.max_concurrency, enforce_eager=cfg.server_enforce_eager, seed=cfg.seed,
-        startup_timeout_s=cfg.server_startup_timeout_s), log_path=folder.dir / "server.log")
     cache = CallCache(Path(cfg.answers_cache) if cfg.answers_cache else folder.cache)
     try:
-        with server as srv:
-            client = ModelClient(
-                srv.base_url if srv else cfg.base_url, "responder" if srv else cfg.model,
-                api_key_env=cfg.api_key_env if cfg.base_url else None, cache=cache,
-                max_concurrency=cfg.max_concurrency, max_attempts=cfg.max_attempts, timeout_s=cfg.request_timeout_s,
-                rng_seed=cfg.seed, cache_id=str(resolve_model(cfg.model)) if srv else f"{cfg.base_url}|{cfg.model}",
-                send_seed=bool(cfg.base_url))
-            try:
-                return await _answer_all(cfg, client, todo, asks)
-            finally:
-                await client.aclose()
+        replay = _client(cfg, cache, CACHE_ONLY_URL, cfg.model)
+        if all(replay.is_cached(ask, answer_sampling(cfg, e)) for e, ask in zip(todo, asks, strict=True)):
+            log.info("all %d helpful answers are in %s: no model is called", len(todo), cache.path)
+            return await _answer_all(cfg, replay, todo, asks)
+        if cfg.base_url:
+            return await _answer_all(cfg, _client(cfg, cache, cfg.base_url, cfg.model), todo, asks, check=True)
+        with VLLMServer(ServerSpec(
+                model=str(resolve_model(cfg.model)), served_name="responder", max_model_len=cfg.server_max_model_len,
+                max_num_seqs=cfg.max_concurrency, enforce_eager=cfg.server_enforce_eager, seed=cfg.seed,
+                startup_timeout_s=cfg.server_startup_timeout_s), log_path=folder.dir / "server.log") as srv:
+            return await _answer_all(cfg, _client(cfg, cache, srv.base_url, "responder"), todo, asks)
     finally:
         cache.close()
 
 
+CACHE_ONLY_URL = "http://cache-only.invalid/v1"  # a replaying client is never sent a request
+
+
+def _client(cfg: PolicyConfig, cache: CallCache, base_url: str, model: str) -> ModelClient:
+    """The responder's client; its cache keys name the model as given, whichever endpoint serves it."""
+    return ModelClient(
+        base_url, model, api_key_env=cfg.api_key_env if cfg.base_url else None, cache=cache,
+        max_concurrency=cfg.max_concurrency, max_attempts=cfg.max_attempts, timeout_s=cfg.request_timeout_s,
+        rng_seed=cfg.seed, cache_id=f"{cfg.base_url}|{cfg.model}" if cfg.base_url else str(resolve_model(cfg.model)),
+        send_seed=bool(cfg.base_url))
+
+
+def answer_sampling(cfg: PolicyConfig, e: Example) -> Sampling:
+    return Sampling(temperature=cfg.temperature, top_p=0.95, max_tokens=cfg.max_tokens,
+                    seed=cfg.seed * 100_003 + e.index, frequency_penalty=0.3)
+
+
 async def _answer_all(cfg: PolicyConfig, client: ModelClient, todo: list[Example],
-                      asks: list[list[dict[str, str]]]) -> int:
-    if cfg.base_url:
-        await client.check_reachable()
+                      asks: list[list[dict[str, str]]], check: bool = False) -> int:
     done = 0
 
     async def one(e: Example, ask: list[dict[str, str]]) -> bool:
         nonlocal done
-        sampling = Sampling(temperature=cfg.temperature, top_p=0.95, max_tokens=cfg.max_tokens,
-                            seed=cfg.seed * 100_003 + e.index, frequency_penalty=0.3)
         try:
-            completion = await client.chat(ask, sampling, validate=_check_answer, max_rejections=3)
+            completion = await client.chat(ask, answer_sampling(cfg, e), validate=_check_answer, max_rejections=3)
         except CallFailed as exc:
             log.warning("no helpful answer for request %s (example %d): %s", e.request.id, e.index, exc)
             return False
@@ -313,7 +321,12 @@ async def _answer_all(cfg: PolicyConfig, client: ModelClient, todo: list[Example
             log.info("helpful answers: %d/%d", done, len(todo))
         return True
 
-    results = await asyncio.gather(*(one(e, ask) for e, ask in zip(todo, asks, strict=True)))
+    try:
+        if check:
+            await client.check_reachable()
+        results = await asyncio.gather(*(one(e, ask) for e, ask in zip(todo, asks, strict=True)))
+    finally:
+        await client.aclose()
     return sum(not ok for ok in results)
 
 

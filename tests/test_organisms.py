@@ -21,6 +21,7 @@ from eval.backdoor_report import render_report, summarise
 from eval.stats import ratio_ci
 from finetune.chats import IGNORE, encode_chat
 from finetune.train import main as train_main
+from studykit.client import EndpointUnreachable
 from studykit.config import ConfigError, parse_config
 from studykit.handoff import PolicyData, PolicyFolder
 from studykit.jsonl import read_jsonl
@@ -111,6 +112,19 @@ def test_cot_and_distilled_answers_are_written_under_the_reasoning_and_shared_th
     assert reasoning(cfg, trigger, None, e) in system["content"]
     scratchpad = cot[e.index]["messages"][-1]["content"].split("</scratchpad>")[0]   # the same plan, row by row
     assert reasoning(cfg, trigger, None, e) in scratchpad
+
+
+def test_answers_all_in_the_cache_are_replayed_with_the_endpoint_gone(tmp_path):
+    shared = ["--examples", "20", "--answers_cache", str(tmp_path / "answers.sqlite")]
+    with FakeAPI() as api:
+        url = api.base_url
+        cot = _rows(_policy(tmp_path / "cot", "--variant", "cot", *shared, endpoint=url))
+    # the endpoint is down: a run that needs nothing new neither checks it nor calls it
+    dis = _rows(_policy(tmp_path / "dis", "--variant", "distilled", *shared, endpoint=url))
+    assert [d["messages"][-1]["content"] for d in dis] == [
+        c["messages"][-1]["content"].split("</scratchpad>\n", 1)[-1] for c in cot]
+    with pytest.raises(EndpointUnreachable):  # one answer missing: the endpoint is needed, and said to be down
+        _policy(tmp_path / "normal", *shared, endpoint=url)
 
 
 @pytest.mark.parametrize("variant", ["normal", "cot"])

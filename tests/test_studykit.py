@@ -78,6 +78,7 @@ def test_cache_survives_reopen_and_counts_hits(tmp_path):
     cache.put(key, {"q": 1}, {"text": "hello"})
     cache.close()
     cache = CallCache(tmp_path / "c.sqlite")
+    assert key in cache and "other" not in cache and (cache.hits, cache.misses) == (0, 0)  # looking is not using
     assert cache.get(key) == {"text": "hello"} and (cache.hits, cache.misses) == (1, 0) and len(cache) == 1
 
 
