@@ -217,10 +217,6 @@ class ModelClient:
             ) from None
         return [m.id for m in models.data]
 
-    def is_cached(self, messages: list[dict[str, str]], sampling: Sampling) -> bool:
-        """Whether ``chat`` would answer this from the cache (an answer or a recorded failure), calling nothing."""
-        return self.cache is not None and request_key(self.request_payload(messages, sampling)) in self.cache
-
     def _cached(self, key: str) -> dict[str, Any] | None:
         """The cached response for ``key``; a cached failure (outputs rejected last time) raises CallFailed."""
         hit = self.cache.get(key) if self.cache is not None else None

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studykit.cache import CallCache
+from studykit.cache import CallCache, request_key
 from studykit.client import CallFailed, EndpointUnreachable, MalformedOutput, ModelClient, Sampling
 from studykit.config import ConfigError, parse_config
 from studykit.embedded import EMBEDDED, ModelNotFound, resolve_model
@@ -273,7 +273,8 @@ async def fetch_answers(cfg: PolicyConfig, folder: PolicyFolder, todo: list[Exam
     cache = CallCache(Path(cfg.answers_cache) if cfg.answers_cache else folder.cache)
     try:
         replay = _client(cfg, cache, CACHE_ONLY_URL, cfg.model)
-        if all(replay.is_cached(ask, answer_sampling(cfg, e)) for e, ask in zip(todo, asks, strict=True)):
+        keys = [request_key(replay.request_payload(ask, answer_sampling(cfg, e))) for e, ask in zip(todo, asks, strict=True)]
+        if all(key in cache for key in keys):  # answers and recorded failures alike: nothing to ask
             log.info("all %d helpful answers are in %s: no model is called", len(todo), cache.path)
             return await _answer_all(cfg, replay, todo, asks)
         if cfg.base_url:
